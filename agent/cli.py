@@ -1,0 +1,117 @@
+"""Command line of the node agent.
+
+    python -m agent apply  --node NAME --nodes FILE --keys FILE [--node-encryption]
+    python -m agent apply  --mode wireguard --node NAME --nodes FILE --state-dir DIR
+    python -m agent status [--mode ipsec|wireguard] [--json]
+    python -m agent pubkey --state-dir DIR
+
+``apply`` is the one-shot static mode: it programs the named node's datapath
+from a static description (see agent.nodesfile) through the same plan and
+reconcile code the daemon uses, and exits non-zero with one clear message on
+any error. Every flag is validated before the kernel is touched.
+
+Exit codes: 0 success, 1 runtime (kernel) failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from agent.errors import ConfigError, KernelError
+
+log = logging.getLogger("sealnet.agent")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _handler(mode: str, command: str) -> Handler:
+    # Imported lazily: `pubkey` must not pay for the XFRM codec, and each
+    # datapath module owns its own commands.
+    if mode == "ipsec":
+        from agent import ipsec as datapath
+    else:
+        from agent import wireguard as datapath
+    fn: Handler = getattr(datapath, f"cmd_{command}")
+    return fn
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer 1..65535, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be an integer 1..65535, got {value!r}")
+    return port
+
+
+def _spi_prefix(value: str) -> int:
+    try:
+        prefix = int(value, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a 4-bit value 0x1..0xf, got {value!r}") from None
+    if not 1 <= prefix <= 0xF:
+        raise argparse.ArgumentTypeError(f"must be a 4-bit value 0x1..0xf, got {value!r}")
+    return prefix
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sealnet-agent", description="sealnet node agent")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("SEALNET_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (env SEALNET_LOG_LEVEL)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_mode(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--mode", choices=["ipsec", "wireguard"], default="ipsec")
+
+    apply = sub.add_parser("apply", help="program this node's datapath from a static description")
+    add_mode(apply)
+    apply.add_argument("--node", required=True, help="name of the local node in --nodes")
+    apply.add_argument("--nodes", required=True, help="JSON node description (Kubernetes Node field names)")
+    apply.add_argument("--keys", help="IPsec keys file (Cilium format); required in ipsec mode")
+    apply.add_argument("--node-encryption", action="store_true", help="also encrypt node-to-node traffic")
+    apply.add_argument("--spi-prefix", type=_spi_prefix, default=0x5, help="4-bit SPI prefix (ipsec)")
+    apply.add_argument("--state-dir", help="directory of the WireGuard private key (wireguard)")
+    apply.add_argument("--interface", default="sealnet_wg0", help="WireGuard interface name")
+    apply.add_argument("--port", type=_port, default=51871, help="WireGuard listen port")
+    apply.add_argument(
+        "--backend", choices=["auto", "kernel", "userspace"], default="auto", help="WireGuard backend"
+    )
+
+    status = sub.add_parser("status", help="one line of encryption status, like `cilium status`")
+    add_mode(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--keys", help="IPsec keys file, to report the current key")
+    status.add_argument("--spi-prefix", type=_spi_prefix, default=0x5, help="4-bit SPI prefix (ipsec)")
+    status.add_argument("--state-dir", help="directory of the WireGuard private key (wireguard)")
+    status.add_argument("--interface", default="sealnet_wg0", help="WireGuard interface name")
+
+    pubkey = sub.add_parser("pubkey", help="print this node's WireGuard public key (creating the pair)")
+    pubkey.add_argument("--state-dir", required=True)
+    pubkey.set_defaults(mode="wireguard")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _handler(args.mode, args.command)(args)
+    except ConfigError as e:
+        print(f"sealnet-agent {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KernelError as e:
+        print(f"sealnet-agent {args.command}: {e}", file=sys.stderr)
+        return 1
