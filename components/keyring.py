@@ -1,0 +1,110 @@
+"""Keyring: two RandomBytes key slots and the Cilium-format keys Secret.
+
+Children (parented to the component):
+
+- ``<name>-slot0``, ``<name>-slot1``: ``random.RandomBytes`` with the key
+  material (AES key + 4-byte salt). Their ``keepers`` come from
+  :func:`components.rotation.slot_keepers`, so rotation N -> N+1 replaces
+  exactly one slot and the previous key stays byte-identical.
+- ``<name>-secret``: the Secret whose single entry ``keys`` holds the previous
+  line (if any) and then the current one. With the provider's
+  ``enableSecretMutable`` a rotation updates it in place; the kubelet then
+  refreshes the mounted file and the agents (or Cilium) reload it.
+
+All key material stays inside secret Outputs: the slots' ``hex``, the keys
+text, the Secret's ``data``. The component's registered outputs carry none.
+
+Usage::
+
+    keyring = Keyring("sealnet-keys", KeyringArgs(
+        rotation=settings.rotation_config,
+        secret_name="sealnet-ipsec-keys", namespace="kube-system"), opts)
+    keyring.key_id        # Output[int], plain
+    keyring.keys          # Output[str], secret
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Optional
+
+import pulumi
+import pulumi_kubernetes as k8s
+import pulumi_random as random
+
+from components import render
+from components.rotation import SLOTS, RotationConfig, keys_entry, slot_keepers
+
+
+@dataclass(frozen=True)
+class KeyringArgs:
+    """Inputs of a :class:`Keyring`.
+
+    :param rotation: the validated key schedule (rotation, key size, per-node keys).
+    :param secret_name: name of the keys Secret (Cilium's: ``cilium-ipsec-keys``).
+    :param namespace: namespace of the keys Secret.
+    """
+
+    rotation: RotationConfig
+    secret_name: str
+    namespace: str
+
+
+class Keyring(pulumi.ComponentResource):
+    """The IPsec keys: two double-buffered slots and the ``keys`` Secret."""
+
+    key_id: pulumi.Output[int]
+    rotation: pulumi.Output[int]
+    secret_name: pulumi.Output[str]
+    #: The keys entry text; secret.
+    keys: pulumi.Output[str]
+    slots: tuple[random.RandomBytes, ...]
+    secret: k8s.core.v1.Secret
+
+    def __init__(self, name: str, args: KeyringArgs, opts: Optional[pulumi.ResourceOptions] = None) -> None:
+        super().__init__("sealnet:index:Keyring", name, None, opts)
+        child_opts = pulumi.ResourceOptions(parent=self)
+        schedule = args.rotation
+
+        self.slots = tuple(
+            random.RandomBytes(
+                f"{name}-slot{slot}",
+                length=schedule.key_length,
+                keepers=slot_keepers(schedule.rotation, slot),
+                opts=child_opts,
+            )
+            for slot in range(SLOTS)
+        )
+        # pulumi-random marks `hex` secret in the engine; wrap it anyway so the
+        # guarantee does not depend on the provider (the mock engine, for one).
+        slot_hex = [pulumi.Output.secret(slot.hex) for slot in self.slots]
+        self.keys = pulumi.Output.secret(
+            pulumi.Output.all(*slot_hex).apply(lambda hexes: keys_entry(schedule, dict(enumerate(hexes))))
+        )
+        data = self.keys.apply(lambda text: {render.KEYS_ENTRY: base64.b64encode(text.encode()).decode()})
+        self.secret = k8s.core.v1.Secret(
+            f"{name}-secret",
+            metadata=render.secret_metadata(args.secret_name, args.namespace),
+            type="Opaque",
+            data=pulumi.Output.secret(data),
+            opts=child_opts,
+        )
+
+        self.key_id = pulumi.Output.from_input(schedule.key_id)
+        self.rotation = pulumi.Output.from_input(schedule.rotation)
+        self.secret_name = pulumi.Output.from_input(args.secret_name)
+        previous = schedule.previous_key_id
+        pulumi.log.info(
+            f"rotation {schedule.rotation}: key ID {schedule.key_id} in slot {schedule.current_slot}"
+            + (f", previous key ID {previous} kept" if previous is not None else ", no previous key"),
+            resource=self,
+        )
+        self.register_outputs(
+            {
+                "keyId": self.key_id,
+                "rotation": self.rotation,
+                "secretName": self.secret_name,
+                "secretNamespace": args.namespace,
+            }
+        )
