@@ -176,6 +176,8 @@ class ProgramRun:
     outputs: dict[str, dict[str, Any]]
     logs: list[str]
     error: Optional[BaseException] = None
+    #: the program module's globals after the run (``encryption``, ``settings``...).
+    namespace: dict[str, Any] = field(default_factory=dict)
     stack_urn: str = ""
     by_urn: dict[str, Registration] = field(default_factory=dict)
 
@@ -239,9 +241,10 @@ def run_program(
     settings.SETTINGS.outputs.clear()
     monitor.outputs.clear()
 
+    namespace: dict[str, Any] = {}
     error: Optional[BaseException] = None
     try:
-        _sync_await(pulumi_stack.run_in_stack(lambda: runpy.run_path(str(MAIN), run_name="__main__")))
+        _sync_await(pulumi_stack.run_in_stack(lambda: namespace.update(runpy.run_path(str(MAIN), run_name="__main__"))))
     except Exception as exc:  # the test decides whether an error was expected
         error = exc
     finally:
@@ -252,9 +255,15 @@ def run_program(
         outputs=dict(monitor.outputs),
         logs=capture.messages,
         error=error,
+        namespace=namespace,
         stack_urn=f"urn:pulumi:{stack}::{PROJECT}::pulumi:pulumi:Stack::{PROJECT}-{stack}",
     )
     return run
+
+
+def resolve(output: pulumi.Output[Any]) -> tuple[Any, bool]:
+    """(value, is_secret) of an Output after the run."""
+    return _sync_await(output.future()), _sync_await(output.is_secret())
 
 
 def plain_strings(value: Any) -> Iterator[str]:
