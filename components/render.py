@@ -62,6 +62,7 @@ KEYS_DIR = "/etc/sealnet/keys"
 KEYS_PATH = f"{KEYS_DIR}/{KEYS_ENTRY}"
 STATE_DIR = "/var/lib/sealnet"
 TUN_DEVICE = "/dev/net/tun"
+WIREGUARD_RUN_DIR = "/var/run/wireguard"
 
 CHECKSUM_ANNOTATION = "sealnet.io/config-checksum"
 AGENT_COMMAND = ["python", "-m", "agent", "run", "--config", CONFIG_PATH]
@@ -198,6 +199,9 @@ def _volumes(settings: Settings, keys_secret_name: Optional[str]) -> tuple[list[
         # kubelet creating an empty directory there.
         volumes.append({"name": "dev-net-tun", "hostPath": {"path": TUN_DEVICE, "type": "CharDevice"}})
         mounts.append({"name": "dev-net-tun", "mountPath": TUN_DEVICE})
+        # wireguard-go puts its UAPI socket here; the root filesystem is read-only.
+        volumes.append({"name": "wireguard-run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
+        mounts.append({"name": "wireguard-run", "mountPath": WIREGUARD_RUN_DIR})
     return volumes, mounts
 
 

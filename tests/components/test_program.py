@@ -158,3 +158,8 @@ def test_same_config_gives_identical_inputs(run: Any, overrides: dict[str, Any])
         assert a.inputs == b.inputs, f"{a.name} differs between two runs of the same config"
         assert sorted(a.dependencies) == sorted(b.dependencies) and a.parent == b.parent
     assert first.stack_outputs == second.stack_outputs
+
+
+def test_preview_declares_what_up_applies(run: Any) -> None:
+    preview, up = run({"rotation": 2}, preview=True), run({"rotation": 2})
+    assert {u: r.inputs for u, r in preview.by_urn.items()} == {u: r.inputs for u, r in up.by_urn.items()}

@@ -145,6 +145,11 @@ def test_daemonset_spec_wireguard(run: Any) -> None:
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "keys" not in volumes, "wireguard nodes make their own keys; no Secret is mounted"
     assert volumes["dev-net-tun"]["hostPath"] == {"path": "/dev/net/tun", "type": "CharDevice"}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/dev/net/tun"] == "dev-net-tun"
+    # read-only root filesystem: wireguard-go's UAPI socket dir must be writable
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "emptyDir" in volumes[mounts["/var/run/wireguard"]]
     assert container["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
     assert container["securityContext"]["privileged"] is False
     assert {"name": "wireguard", "containerPort": 51871, "protocol": "UDP"} in container["ports"]
