@@ -122,6 +122,10 @@ class SA:
     algorithm: Algorithm
     replay_window: int = 1024
     esn: bool = True
+    #: XFRMA_SET_MARK: mark (and mask) the kernel sets on packets this SA
+    #: produces; None leaves packet marks alone.
+    output_mark: Optional[int] = None
+    output_mark_mask: int = 0xFFFFFFFF
 
     def describe(self) -> str:
         """A log-safe one-line description (no key material)."""
@@ -165,4 +169,73 @@ class Policy:
         return (
             f"policy {self.direction.name.lower()} {self.src} -> {self.dst} "
             f"prio={self.priority} {verb}{pin}"
+        )
+
+
+@dataclass(frozen=True)
+class SACounters:
+    """What the kernel counts for one SA (read from an SA dump, never written).
+
+    Keyed by ``(dst, spi)``, the SA's identity. Sequence numbers are the
+    replay state (XFRMA_REPLAY_ESN_VAL, or XFRMA_REPLAY_VAL without ESN):
+    ``oseq`` is the last sequence number sent, ``seq`` the highest received;
+    with ESN the ``*_hi`` words hold the upper 32 bits. ``replay_window``,
+    ``replay`` and ``integrity_failed`` are struct xfrm_stats: packets
+    dropped outside the window, replayed, and failing authentication.
+    """
+
+    dst: IPAddress
+    spi: int
+    oseq: int = 0
+    seq: int = 0
+    oseq_hi: int = 0
+    seq_hi: int = 0
+    bytes: int = 0
+    packets: int = 0
+    replay_window: int = 0
+    replay: int = 0
+    integrity_failed: int = 0
+
+    @property
+    def key(self) -> tuple[IPAddress, int]:
+        return (self.dst, self.spi)
+
+    @property
+    def oseq64(self) -> int:
+        """The 64-bit outbound sequence number (ESN)."""
+        return self.oseq_hi << 32 | self.oseq
+
+    @property
+    def seq64(self) -> int:
+        """The 64-bit highest inbound sequence number (ESN)."""
+        return self.seq_hi << 32 | self.seq
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """How the agent tells its XFRM objects from anyone else's.
+
+    An SA is ours when its reqid is ``reqid`` and the top nibble of its SPI
+    is ``spi_prefix`` (DESIGN.md's SPI layout). A policy is ours when its
+    priority lies in ``priority_min..priority_max`` (inclusive) and every
+    template carries our reqid; block policies have no template, so the band
+    alone marks them. XFRM picks the matching policy with the *lowest*
+    priority value; the default band 10000..10999 sits below (so wins over)
+    what IKE daemons install (strongSwan and libreswan use six- and
+    seven-digit priorities) while leaving 0..9999 to an administrator.
+    Kernel dumps return every object; filtering with these rules is the
+    reconciler's job, and foreign objects are never touched.
+    """
+
+    reqid: int = 0x5EA1
+    spi_prefix: int = 0x5
+    priority_min: int = 10000
+    priority_max: int = 10999
+
+    def owns_sa(self, sa: SA) -> bool:
+        return sa.reqid == self.reqid and sa.spi >> 28 == self.spi_prefix
+
+    def owns_policy(self, policy: Policy) -> bool:
+        return self.priority_min <= policy.priority <= self.priority_max and all(
+            t.reqid == self.reqid for t in policy.templates
         )
