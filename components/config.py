@@ -19,11 +19,12 @@ Usage::
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import pulumi
 
@@ -103,7 +104,18 @@ class Settings:
 def load(config: Optional[pulumi.Config] = None) -> Settings:
     """Read and validate the ``sealnet`` namespace of the running stack."""
     config = config or pulumi.Config(NAMESPACE)
-    return parse({key: config.get(key) for key in KEYS})
+    return parse({key: config.get(key) for key in KEYS}, present=configured_keys())
+
+
+def configured_keys() -> set[str]:
+    """Every ``sealnet:`` key the stack sets, known or not (a misspelt key
+    would otherwise be ignored silently and its default used). The language
+    host hands config over in PULUMI_CONFIG; inline programs and the mock
+    engine through set_all_config."""
+    from pulumi.runtime import config as runtime_config
+
+    keys = set(runtime_config.CONFIG.get()) | set(runtime_config.get_config_env())
+    return {key.split(":", 1)[1] for key in keys if key.startswith(NAMESPACE + ":")}
 
 
 def _shown(value: Any) -> str:
@@ -236,9 +248,17 @@ def _is_resources(value: Any) -> bool:
     return all(_quantity(requests[n]) <= _quantity(limits[n]) for n in requests if n in limits)  # type: ignore[operator]
 
 
-def parse(raw: Mapping[str, Any]) -> Settings:
-    """Validate raw config values (strings, as the CLI passes them) into Settings."""
+def parse(raw: Mapping[str, Any], present: Iterable[str] = ()) -> Settings:
+    """Validate raw config values (strings, as the CLI passes them) into Settings.
+
+    ``present`` lists the keys the stack sets; any that this program does not
+    read is an error (a typo such as ``sealnet:keybits``).
+    """
     p = _Parser(raw)
+    for key in sorted(set(present) - set(KEYS)):
+        hint = difflib.get_close_matches(key.lower(), [k.lower() for k in KEYS], n=1)
+        near = f"; did you mean {NAMESPACE}:{KEYS[[k.lower() for k in KEYS].index(hint[0])]}?" if hint else ""
+        p.errors.append(f"{NAMESPACE}:{key} is not a setting of this program{near} (Pulumi.yaml lists them)")
     values: dict[str, Any] = {
         "mode": p.choice("mode", MODES),
         "rotation": p.integer("rotation", 0),

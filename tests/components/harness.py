@@ -26,6 +26,7 @@ Usage::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -110,7 +111,7 @@ class FakeMocks(pulumi.runtime.Mocks):
         if args.typ == RANDOM_BYTES:
             hex_key = fake_key_hex(args.name, int(args.inputs["length"]), args.inputs.get("keepers") or {})
             state["hex"] = hex_key
-            state["base64"] = __import__("base64").b64encode(bytes.fromhex(hex_key)).decode()
+            state["base64"] = base64.b64encode(bytes.fromhex(hex_key)).decode()
         return f"{args.name}-id", state
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], Optional[list[tuple[str, str]]]]:

@@ -162,6 +162,23 @@ def test_several_bad_values_one_line_each() -> None:
     assert run.registrations == []
 
 
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("keybits", "sealnet:keybits is not a setting of this program; did you mean sealnet:keyBits? (Pulumi.yaml lists them)"),
+        ("rotations", "sealnet:rotations is not a setting of this program; did you mean sealnet:rotation?"),
+        ("cipher", "sealnet:cipher is not a setting of this program (Pulumi.yaml lists them)"),
+    ],
+)
+def test_misspelt_key_is_an_error_not_a_silent_default(key: str, message: str) -> None:
+    # prod with `sealnet:keybits: 256` must not deploy 128-bit keys quietly.
+    _assert_rejected({key: 256}, message)
+
+
+def test_other_namespaces_are_not_ours(run: Any) -> None:
+    run({"kubernetes:context": "kind-kind", "aws:region": "eu-west-1"})
+
+
 def test_missing_value_names_pulumi_yaml() -> None:
     run = run_program({}, defaults=False)
     assert isinstance(run.error, config.ConfigError)
