@@ -255,10 +255,11 @@ def parse(raw: Mapping[str, Any], present: Iterable[str] = ()) -> Settings:
     read is an error (a typo such as ``sealnet:keybits``).
     """
     p = _Parser(raw)
+    by_lower = {key.lower(): key for key in KEYS}
     for key in sorted(set(present) - set(KEYS)):
-        hint = difflib.get_close_matches(key.lower(), [k.lower() for k in KEYS], n=1)
-        near = f"; did you mean {NAMESPACE}:{KEYS[[k.lower() for k in KEYS].index(hint[0])]}?" if hint else ""
-        p.errors.append(f"{NAMESPACE}:{key} is not a setting of this program{near} (Pulumi.yaml lists them)")
+        close = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
+        hint = f"; did you mean {NAMESPACE}:{by_lower[close[0]]}?" if close else ""
+        p.errors.append(f"{NAMESPACE}:{key} is not a setting of this program{hint} (Pulumi.yaml lists them)")
     values: dict[str, Any] = {
         "mode": p.choice("mode", MODES),
         "rotation": p.integer("rotation", 0),
