@@ -367,6 +367,9 @@ def policy_msg(policy: Policy, msg_type: int = xm.XFRM_MSG_NEWPOLICY) -> xm.xfrm
     msg["priority"] = policy.priority
     msg["dir"] = int(policy.direction)
     msg["action"] = int(policy.action)
+    for t in policy.templates:
+        if t.src.version != t.dst.version:
+            raise ConfigError(f"{policy.describe()}: template {t.src} -> {t.dst} mixes families")
     if policy.templates:
         msg["attrs"] = [("XFRMA_TMPL", [
             {"id": {"daddr": t.dst, "spi": t.spi, "proto": xm.IPPROTO_ESP},
@@ -429,6 +432,8 @@ def _check_sa(sa: SA) -> None:
                           f"0..{xm.XFRMA_REPLAY_ESN_MAX}")
     if sa.esn and sa.replay_window == 0:
         raise ConfigError(f"{what}: esn needs a replay_window of 1..{xm.XFRMA_REPLAY_ESN_MAX}")
+    if sa.output_mark is not None and not sa.output_mark_mask:
+        raise ConfigError(f"{what}: output_mark_mask 0 marks nothing; use 0x1..0xffffffff")
     if not isinstance(sa.algorithm, (AeadAlgorithm, CipherAuthAlgorithm)):
         raise ConfigError(f"{what}: algorithm must be AeadAlgorithm or CipherAuthAlgorithm")
 

@@ -300,7 +300,9 @@ class xfrm_struct(nlmsg_base):
             self.value = [
                 lay.unpack(self.data, offset + i * lay.size, family) for i in range(count)
             ]
-        elif end - offset >= lay.size:  # a capped error echo carries no body
+        elif end - offset < lay.size:  # an error's capped echo: a bare header
+            return
+        else:
             self.update(lay.unpack(self.data, offset, family))
             self.unpack_trailer(bytes(self.data[offset + lay.size:end]))
             offset += (lay.size + 3) & ~3
