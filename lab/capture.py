@@ -45,6 +45,9 @@ class Capture:
 
     def __init__(self, ns: str, dev: str, bpf: str = "", directory: Optional[str] = None) -> None:
         self.ns, self.dev, self.bpf = ns, dev, bpf
+        # In the lab, captures land in the run's results directory and come
+        # back to the host with the JUnit report (lab-results/latest/).
+        directory = directory or os.environ.get("SEALNET_LAB_RESULTS")
         fd, self.path = tempfile.mkstemp(suffix=".pcap", prefix=f"{ns}-{dev}-", dir=directory)
         os.close(fd)
         self._proc: Optional[subprocess.Popen[bytes]] = None

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "lab-results"
+#: Each run writes into its own directory under here (runs may overlap while
+#: developing); ``lab-results/latest`` points at the newest.
+RESULTS_ROOT = ROOT / "lab-results"
 # Modules the datapath tests need; loaded before pytest starts so that a
 # missing one fails loudly here rather than as a confusing netlink error.
 MODULES = ("esp4", "esp6", "xfrm_user", "xfrm4_tunnel", "wireguard")
@@ -87,40 +89,43 @@ def check_tools() -> str:
     return vng
 
 
-def guest_script(pytest_args: Sequence[str]) -> str:
+def guest_script(pytest_args: Sequence[str], results: Path) -> str:
     """The shell script the guest runs: load modules, run pytest, record the exit code."""
     args = " ".join(shlex.quote(a) for a in pytest_args)
     return f"""#!/bin/sh
 set -u
 export PATH={shlex.quote(str(Path(sys.executable).parent))}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export PYTHONDONTWRITEBYTECODE=1 SEALNET_IN_LAB=1 HOME=/tmp
+export PYTHONDONTWRITEBYTECODE=1 SEALNET_IN_LAB=1 HOME=/tmp SEALNET_LAB_RESULTS={results}
 cd {shlex.quote(str(ROOT))}
 for m in {' '.join(MODULES)}; do
-  modprobe "$m" || {{ echo "lab: modprobe $m failed" >&2; echo 3 > {RESULTS}/rc; exit 3; }}
+  modprobe "$m" || {{ echo "lab: modprobe $m failed" >&2; echo 3 > {results}/rc; exit 3; }}
 done
-date +%s.%N > {RESULTS}/booted
+date +%s.%N > {results}/booted
 python -m pytest -m kernel_lab -p no:cacheprovider \\
-  --junitxml={RESULTS}/junit.xml -v {args}
-echo $? > {RESULTS}/rc
+  --junitxml={results}/junit.xml -v {args}
+echo $? > {results}/rc
 """
 
 
 def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 1800) -> LabRun:
     vng = check_tools()
     kernel = find_kernel()
-    shutil.rmtree(RESULTS, ignore_errors=True)
-    RESULTS.mkdir(parents=True)
-    script = RESULTS / "guest.sh"
-    script.write_text(guest_script(pytest_args))
+    results = RESULTS_ROOT / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
+    results.mkdir(parents=True)
+    latest = RESULTS_ROOT / "latest"
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(results.name)
+    script = results / "guest.sh"
+    script.write_text(guest_script(pytest_args, results))
     script.chmod(0o755)
     argv = [vng, "--disable-kvm", "--force-9p", "--run", kernel, "--user", "root", "-m", memory,
-            "--cpus", str(os.cpu_count() or 1), "--rwdir", str(RESULTS), "--exec", str(script)]
+            "--cpus", str(os.cpu_count() or 1), "--rwdir", str(results), "--exec", str(script)]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     print(f"kernel lab: booting {os.path.basename(kernel)} under TCG ...", flush=True)
     start = time.time()
     # qemu reopens its output by path: pipe it through us rather than into a
     # file, or the guest's stdout and stderr overwrite each other.
-    with open(RESULTS / "console.log", "w") as log:
+    with open(results / "console.log", "w") as log:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                 errors="replace")
         assert proc.stdout is not None
@@ -134,13 +139,13 @@ def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 1800) -
         finally:
             proc.wait()
     wall = time.time() - start
-    rc_file = RESULTS / "rc"
+    rc_file = results / "rc"
     if not rc_file.exists():
         raise LabUnavailable(f"the lab VM exited ({proc.returncode}) before running pytest; "
-                             f"see {RESULTS / 'console.log'}")
-    booted = RESULTS / "booted"
+                             f"see {results / 'console.log'}")
+    booted = results / "booted"
     boot = float(booted.read_text()) - start if booted.exists() else wall
-    counts = _junit_counts(RESULTS / "junit.xml")
+    counts = _junit_counts(results / "junit.xml")
     return LabRun(int(rc_file.read_text().strip() or 1), *counts, boot_seconds=boot, wall_seconds=wall)
 
 

@@ -52,6 +52,6 @@ def test_junit_counts_and_guest_script(tmp_path: Path) -> None:
     report.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="1"/></testsuites>')
     assert vm._junit_counts(report) == (5, 1, 0, 1)
     assert vm._junit_counts(tmp_path / "absent.xml") == (0, 0, 0, 0)
-    script = vm.guest_script(["tests/lab/test_seed.py", "-k", "esp and not wg"])
+    script = vm.guest_script(["tests/lab/test_seed.py", "-k", "esp and not wg"], tmp_path)
     assert "modprobe \"$m\"" in script and "esp4" in script and "wireguard" in script
     assert "-m kernel_lab" in script and "'esp and not wg'" in script
