@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,3 +266,15 @@ def test_any_text_parses_or_raises_config_error(text: str) -> None:
     except ConfigError:
         return
     assert all(1 <= k.spi <= 15 for k in ks)
+
+
+def test_fuzz_target_short_run(tmp_path: Path) -> None:
+    """A short, seeded run of fuzz/fuzz_keys.py (atheris): no crash, no leak."""
+    script = Path(__file__).resolve().parents[2] / "fuzz" / "fuzz_keys.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "-runs=5000", "-seed=1", "-print_final_stats=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Done 5000 runs" in result.stderr
+    assert not list(tmp_path.glob("crash-*"))
