@@ -44,14 +44,14 @@ empty change set.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, TypeVar, Union
 
-from agent.model import SA, Direction, IPAddress, IPNetwork, Policy
+from agent.model import SA, IPAddress, Policy
 from agent.plan import OWNED_PRIORITIES, DesiredState, PlanConfig
 
 SaId = tuple[IPAddress, int]
-PolicyId = tuple[IPNetwork, IPNetwork, Direction]
 XfrmObject = Union[SA, Policy]
 
 
@@ -130,8 +130,14 @@ def diff(
 ) -> ChangeSet:
     """The changes that turn the kernel's owned state into ``desired``."""
     conflicts: list[str] = []
-    add_in, add_out, replace, delete_sas = _diff_sas(desired, actual_sas, config, conflicts)
-    add_pol, update_pol, delete_pol = _diff_policies(desired, actual_policies, config, conflicts)
+    paused = gc.isenabled()  # as in plan.plan: many small acyclic objects
+    gc.disable()
+    try:
+        add_in, add_out, replace, delete_sas = _diff_sas(desired, actual_sas, config, conflicts)
+        add_pol, update_pol, delete_pol = _diff_policies(desired, actual_policies, config, conflicts)
+    finally:
+        if paused:
+            gc.enable()
     return ChangeSet(
         add_inbound_sas=add_in,
         add_outbound_sas=add_out,
@@ -148,42 +154,38 @@ def diff(
 def _diff_sas(
     desired: DesiredState, actual: Iterable[SA], config: PlanConfig, conflicts: list[str]
 ) -> tuple[tuple[SA, ...], tuple[SA, ...], tuple[tuple[SA, SA], ...], tuple[SA, ...]]:
-    ours: dict[SaId, SA] = {}
-    foreign: dict[SaId, SA] = {}
+    ours: dict[_Key, SA] = {}
+    foreign: dict[_Key, SA] = {}
     for sa in actual:
-        (ours if owns_sa(sa, config) else foreign).setdefault(sa_id(sa), sa)
-    add_in: list[SA] = []
-    add_out: list[SA] = []
-    replace: list[tuple[SA, SA]] = []
-    wanted: set[SaId] = set()
-    for sa in sorted(desired.sas, key=_sa_order):
-        key = sa_id(sa)
-        wanted.add(key)
+        (ours if owns_sa(sa, config) else foreign).setdefault(_sa_key(sa), sa)
+    add_in: list[tuple[_Key, SA]] = []
+    add_out: list[tuple[_Key, SA]] = []
+    replace: list[tuple[_Key, tuple[SA, SA]]] = []
+    wanted = {_sa_key(sa): sa for sa in desired.sas}
+    for key, sa in wanted.items():
         if key in foreign:
             conflicts.append(f"{sa.describe()}: held by a foreign SA (reqid={foreign[key].reqid}); left alone")
             continue
         current = ours.get(key)
         if current is None:
-            (add_in if sa.dst in desired.local_ips else add_out).append(sa)
-        elif current != sa:
-            replace.append((current, sa))
-    delete = tuple(sa for key, sa in sorted(ours.items(), key=lambda i: _sa_order(i[1])) if key not in wanted)
-    return tuple(add_in), tuple(add_out), tuple(replace), delete
+            (add_in if sa.dst in desired.local_ips else add_out).append((key, sa))
+        elif _sa_changed(current, sa):
+            replace.append((key, (current, sa)))
+    delete = [(key, sa) for key, sa in ours.items() if key not in wanted]
+    return _sorted(add_in), _sorted(add_out), _sorted(replace), _sorted(delete)
 
 
 def _diff_policies(
     desired: DesiredState, actual: Iterable[Policy], config: PlanConfig, conflicts: list[str]
 ) -> tuple[tuple[Policy, ...], tuple[tuple[Policy, Policy], ...], tuple[Policy, ...]]:
-    ours: dict[PolicyId, Policy] = {}
-    foreign: dict[PolicyId, Policy] = {}
+    ours: dict[_Key, Policy] = {}
+    foreign: dict[_Key, Policy] = {}
     for p in actual:
-        (ours if owns_policy(p, config) else foreign).setdefault(p.selector, p)
-    add: list[Policy] = []
-    update: list[tuple[Policy, Policy]] = []
-    wanted: set[PolicyId] = set()
-    for p in sorted(desired.policies, key=_policy_order):
-        key = p.selector
-        wanted.add(key)
+        (ours if owns_policy(p, config) else foreign).setdefault(_policy_key(p), p)
+    add: list[tuple[_Key, Policy]] = []
+    update: list[tuple[_Key, tuple[Policy, Policy]]] = []
+    wanted = {_policy_key(p): p for p in desired.policies}
+    for key, p in wanted.items():
         if key in foreign:
             conflicts.append(
                 f"{p.describe()}: selector held by a foreign policy (prio={foreign[key].priority}); left alone"
@@ -191,17 +193,44 @@ def _diff_policies(
             continue
         current = ours.get(key)
         if current is None:
-            add.append(p)
-        elif current != p:
-            update.append((current, p))
-    delete = tuple(p for key, p in sorted(ours.items(), key=lambda i: _policy_order(i[1])) if key not in wanted)
-    return tuple(add), tuple(update), delete
+            add.append((key, p))
+        elif _policy_changed(current, p):
+            update.append((key, (current, p)))
+    delete = [(key, p) for key, p in ours.items() if key not in wanted]
+    conflicts.sort()
+    return _sorted(add), _sorted(update), _sorted(delete)
 
 
-def _sa_order(sa: SA) -> tuple[int, int, int]:
+# Identity keys of plain ints: hashed and compared in C, and a stable order
+# for the steps (ipaddress objects hash in Python, several times per lookup).
+_Key = tuple[int, ...]
+T = TypeVar("T")
+
+
+def _sa_key(sa: SA) -> _Key:
+    """(dst, SPI), as xfrm_state_lookup finds an ESP SA without mark."""
     return (sa.dst.version, int(sa.dst), sa.spi)
 
 
-def _policy_order(p: Policy) -> tuple[int, int, int, int, int, int]:
+def _policy_key(p: Policy) -> _Key:
+    """(selector, direction), as xfrm_policy_insert matches an unmarked policy."""
     src, dst = p.src, p.dst
     return (src.version, int(src.network_address), src.prefixlen, int(dst.network_address), dst.prefixlen, p.direction)
+
+
+def _sa_changed(old: SA, new: SA) -> bool:
+    """``old != new`` for two SAs of one identity, cheapest fields first."""
+    return (
+        old.reqid != new.reqid or old.replay_window != new.replay_window or old.esn != new.esn
+        or old.algorithm != new.algorithm or old.src != new.src
+    )
+
+
+def _policy_changed(old: Policy, new: Policy) -> bool:
+    """``old != new`` for two policies of one selector."""
+    return old.priority != new.priority or old.action != new.action or old.templates != new.templates
+
+
+def _sorted(items: list[tuple[_Key, T]]) -> tuple[T, ...]:
+    items.sort(key=lambda item: item[0])
+    return tuple(obj for _, obj in items)

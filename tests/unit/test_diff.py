@@ -16,6 +16,7 @@ Properties asserted:
 from __future__ import annotations
 
 import ipaddress
+import time
 import uuid
 from dataclasses import replace
 from typing import Iterable, Optional, Sequence
@@ -232,3 +233,18 @@ def test_any_transition_converges_safely(before: plan.DesiredState, after: plan.
     owned = {p for p in kernel.policies.values() if diff.owns_policy(p, CFG)}
     assert owned == set(after.policies)
     assert {s for s in kernel.sas.values() if diff.owns_sa(s, CFG)} == set(after.sas)
+
+
+def test_5000_peers_diff_fast() -> None:
+    mesh = [
+        Node(f"n{i}", (ipaddress.IPv4Address(0x0A000000 + i),), (ipaddress.IPv4Network((0x64000000 + (i << 8), 24)),),
+             str(uuid.UUID(int=i)))
+        for i in range(1, 5002)
+    ]
+    state = plan.plan(mesh[0], mesh, keys.parse(K3 + "\n" + K4), CFG)
+    start = time.process_time()
+    adopt = diff.diff(state, state.sas, state.policies, CFG)
+    fresh = diff.diff(state, [], [], CFG)
+    elapsed = time.process_time() - start
+    assert adopt.empty and len(fresh.steps()) == 50000
+    assert elapsed < 1.5, f"two diffs of 5000 peers took {elapsed:.2f}s of CPU"
