@@ -255,52 +255,17 @@ class _Planner:
     # -- one peer -----------------------------------------------------------
 
     def add_peer(self, peer: Node) -> None:
-        local, cfg = self.local, self.config
         reasons: list[str] = []
         egress_id = self.egress_map.get(peer.name, self.keys.current.spi)
         common = self._common_reason(peer, egress_id)
         served = False
         families = 0
         for version in (4, 6):
-            l_ip, p_ip = endpoint(local, version), endpoint(peer, version)
+            l_ip, p_ip = endpoint(self.local, version), endpoint(peer, version)
             if l_ip is None or p_ip is None:
-                continue
+                continue  # mixed-family pair: no tunnel in this family
             families += 1
-            fam_reason = common or self._spi_reason(peer, version)
-            pod_pairs = [
-                (lc, pc)
-                for lc in local.pod_cidrs
-                if lc.version == version
-                for pc in peer.pod_cidrs
-                if pc.version == version
-            ]
-            pod_reason = fam_reason or self._cidr_reason(peer)
-            allow_pairs: list[tuple[IPNetwork, IPNetwork, int]] = []
-            block_pairs: list[tuple[IPNetwork, IPNetwork]] = []
-            if pod_reason:
-                block_pairs.extend(pod_pairs)
-                if pod_pairs:
-                    reasons.append(pod_reason)
-            else:
-                allow_pairs.extend((lc, pc, PRIORITY_POD) for lc, pc in pod_pairs)
-            if cfg.node_encryption:
-                pair = (host_network(l_ip), host_network(p_ip))
-                if fam_reason:
-                    block_pairs.append(pair)
-                    reasons.append(fam_reason)
-                else:
-                    allow_pairs.append((*pair, PRIORITY_NODE))
-            for src, dst in block_pairs:
-                self._block(src, dst)
-            if allow_pairs:
-                served = True
-                out_tmpl = Template(l_ip, p_ip, cfg.reqid, spi_for(cfg.spi_prefix, l_ip, egress_id))
-                in_tmpl = Template(p_ip, l_ip, cfg.reqid, 0)
-                for src, dst, prio in allow_pairs:
-                    self.policies.append(Policy(Direction.OUT, src, dst, prio, Action.ALLOW, (out_tmpl,)))
-                    self.policies.append(Policy(Direction.IN, dst, src, prio, Action.ALLOW, (in_tmpl,)))
-                    self.policies.append(Policy(Direction.FWD, dst, src, prio, Action.ALLOW, (in_tmpl,)))
-                self._add_sas(peer, l_ip, p_ip)
+            served |= self._add_family(peer, l_ip, p_ip, common, egress_id, reasons)
         if families == 0:
             reasons.append("no address family in common with the local node (no tunnel endpoint)")
         if not peer.pod_cidrs and families:
@@ -309,6 +274,48 @@ class _Planner:
             self.egress.append((peer.name, egress_id))
         if reasons:
             self.blocked.append((peer.name, "; ".join(dict.fromkeys(reasons))))
+
+    def _add_family(
+        self, peer: Node, l_ip: IPAddress, p_ip: IPAddress, common: Optional[str], egress_id: int, reasons: list[str]
+    ) -> bool:
+        """Policies and SAs of one address family; True if anything is allowed."""
+        cfg, version = self.config, l_ip.version
+        fam_reason = common or self._spi_reason(peer, version)
+        pod_pairs = [
+            (lc, pc)
+            for lc in self.local.pod_cidrs
+            if lc.version == version
+            for pc in peer.pod_cidrs
+            if pc.version == version
+        ]
+        pod_reason = fam_reason or self._cidr_reason(peer)
+        allow: list[tuple[IPNetwork, IPNetwork, int]] = []
+        block: list[tuple[IPNetwork, IPNetwork]] = []
+        if pod_reason:
+            block.extend(pod_pairs)
+            if pod_pairs:
+                reasons.append(pod_reason)
+        else:
+            allow.extend((lc, pc, PRIORITY_POD) for lc, pc in pod_pairs)
+        if cfg.node_encryption:
+            pair = (host_network(l_ip), host_network(p_ip))
+            if fam_reason:
+                block.append(pair)
+                reasons.append(fam_reason)
+            else:
+                allow.append((*pair, PRIORITY_NODE))
+        for local_side, peer_side in block:
+            self._block(local_side, peer_side)
+        if not allow:
+            return False
+        out_tmpl = Template(l_ip, p_ip, cfg.reqid, spi_for(cfg.spi_prefix, l_ip, egress_id))
+        in_tmpl = Template(p_ip, l_ip, cfg.reqid, 0)
+        for local_side, peer_side, prio in allow:
+            self.policies.append(Policy(Direction.OUT, local_side, peer_side, prio, Action.ALLOW, (out_tmpl,)))
+            self.policies.append(Policy(Direction.IN, peer_side, local_side, prio, Action.ALLOW, (in_tmpl,)))
+            self.policies.append(Policy(Direction.FWD, peer_side, local_side, prio, Action.ALLOW, (in_tmpl,)))
+        self._add_sas(peer, l_ip, p_ip)
+        return True
 
     def _common_reason(self, peer: Node, egress_id: int) -> Optional[str]:
         """Why nothing can be sent to ``peer`` in any family, if so."""
