@@ -6,6 +6,7 @@ Usage::
     changes = diff.diff(desired, kernel_sas, kernel_policies, config)
     for step in changes.steps():          # apply in this order
         step.op, step.obj, step.old       # "add_sa", "update_policy", ...
+        Change(Verb(step.verb), step.obj) # agent.kernel.xfrm
     changes.empty                         # nothing to do (restart adoption)
     changes.conflicts                     # ours that foreign objects block
 
@@ -16,6 +17,9 @@ whole (foreign objects included) and filtered here:
   SPI are ``config.spi_prefix``;
 - a policy is ours if its priority is in ``plan.OWNED_PRIORITIES`` and it
   has no template or only templates with our reqid.
+
+These are ``config.ownership`` (a model.Ownership), the same rules the
+kernel layer documents; pass that object wherever dumps are filtered.
 
 Identity follows the kernel: an SA is found by (dst, SPI) (ESP, no mark:
 xfrm_state_lookup), a policy by (selector, direction) (no mark, no if_id:
@@ -49,7 +53,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, TypeVar, Union
 
 from agent.model import SA, IPAddress, Policy
-from agent.plan import OWNED_PRIORITIES, DesiredState, PlanConfig
+from agent.plan import DesiredState, PlanConfig
 
 SaId = tuple[IPAddress, int]
 XfrmObject = Union[SA, Policy]
@@ -61,11 +65,13 @@ def sa_id(sa: SA) -> SaId:
 
 
 def owns_sa(sa: SA, config: PlanConfig) -> bool:
-    return sa.reqid == config.reqid and sa.spi >> 28 == config.spi_prefix
+    """Our reqid and SPI prefix (model.Ownership with plan's band)."""
+    return config.ownership.owns_sa(sa)
 
 
 def owns_policy(policy: Policy, config: PlanConfig) -> bool:
-    return policy.priority in OWNED_PRIORITIES and all(t.reqid == config.reqid for t in policy.templates)
+    """Priority in plan.OWNED_PRIORITIES, no template or only our reqid."""
+    return config.ownership.owns_policy(policy)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,11 @@ class Step:
     op: str  # add_sa | delete_sa | add_policy | update_policy | delete_policy
     obj: XfrmObject
     old: Optional[XfrmObject] = None
+
+    @property
+    def verb(self) -> str:
+        """"add", "update" or "delete": agent.kernel.xfrm.Verb(step.verb)."""
+        return self.op.split("_", 1)[0]
 
     def describe(self) -> str:
         """Log-safe: SA and policy descriptions carry no key material."""
@@ -156,8 +167,9 @@ def _diff_sas(
 ) -> tuple[tuple[SA, ...], tuple[SA, ...], tuple[tuple[SA, SA], ...], tuple[SA, ...]]:
     ours: dict[_Key, SA] = {}
     foreign: dict[_Key, SA] = {}
+    owns = config.ownership.owns_sa
     for sa in actual:
-        (ours if owns_sa(sa, config) else foreign).setdefault(_sa_key(sa), sa)
+        (ours if owns(sa) else foreign).setdefault(_sa_key(sa), sa)
     add_in: list[tuple[_Key, SA]] = []
     add_out: list[tuple[_Key, SA]] = []
     replace: list[tuple[_Key, tuple[SA, SA]]] = []
@@ -180,8 +192,9 @@ def _diff_policies(
 ) -> tuple[tuple[Policy, ...], tuple[tuple[Policy, Policy], ...], tuple[Policy, ...]]:
     ours: dict[_Key, Policy] = {}
     foreign: dict[_Key, Policy] = {}
+    owns = config.ownership.owns_policy
     for p in actual:
-        (ours if owns_policy(p, config) else foreign).setdefault(_policy_key(p), p)
+        (ours if owns(p) else foreign).setdefault(_policy_key(p), p)
     add: list[tuple[_Key, Policy]] = []
     update: list[tuple[_Key, tuple[Policy, Policy]]] = []
     wanted = {_policy_key(p): p for p in desired.policies}
@@ -220,14 +233,17 @@ def _policy_key(p: Policy) -> _Key:
 
 def _sa_changed(old: SA, new: SA) -> bool:
     """``old != new`` for two SAs of one identity, cheapest fields first."""
+    # Every field but the identity (dst, spi); tests/unit/test_diff.py checks
+    # that a field added to model.SA is not forgotten here.
     return (
         old.reqid != new.reqid or old.replay_window != new.replay_window or old.esn != new.esn
+        or old.output_mark != new.output_mark or old.output_mark_mask != new.output_mark_mask
         or old.algorithm != new.algorithm or old.src != new.src
     )
 
 
 def _policy_changed(old: Policy, new: Policy) -> bool:
-    """``old != new`` for two policies of one selector."""
+    """``old != new`` for two policies of one selector (all other fields)."""
     return old.priority != new.priority or old.action != new.action or old.templates != new.templates
 
 

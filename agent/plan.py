@@ -65,7 +65,7 @@ from typing import Mapping, Optional, Sequence
 from agent import derive
 from agent.errors import ConfigError
 from agent.keys import KeySet
-from agent.model import SA, Action, Direction, IPAddress, IPNetwork, Node, Policy, Template
+from agent.model import SA, Action, Direction, IPAddress, IPNetwork, Node, Ownership, Policy, Template
 
 #: The priority band of our policies (lower value = preferred by the
 #: kernel). Any policy in it without templates, or whose templates all carry
@@ -96,6 +96,11 @@ class PlanConfig:
         # XFRMA_REPLAY_ESN_MAX in net/xfrm/xfrm_user.c: 128 * 32 bits.
         if not 1 <= self.replay_window <= 4096:
             raise ConfigError(f"replay_window: must be 1..4096, got {self.replay_window}")
+
+    @property
+    def ownership(self) -> Ownership:
+        """How kernel dumps are filtered to our objects (agent.diff, agent.kernel.xfrm)."""
+        return Ownership(self.reqid, self.spi_prefix, OWNED_PRIORITIES.start, OWNED_PRIORITIES.stop - 1)
 
 
 @dataclass(frozen=True)

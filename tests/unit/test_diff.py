@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Iterable, Optional, Sequence
 
 import pytest
@@ -248,3 +248,35 @@ def test_5000_peers_diff_fast() -> None:
     elapsed = time.process_time() - start
     assert adopt.empty and len(fresh.steps()) == 50000
     assert elapsed < 1.5, f"two diffs of 5000 peers took {elapsed:.2f}s of CPU"
+
+
+@pytest.mark.parametrize("cls", [SA, Policy])
+def test_every_non_identity_field_counts_as_a_change(cls: type) -> None:
+    state = desired()
+    base = next(iter(state.sas)) if cls is SA else next(p for p in state.policies if p.direction is Direction.OUT)
+    changed_values = {
+        "src": ip("172.18.0.99"), "reqid": 0x5EA1, "algorithm": AeadAlgorithm("rfc4106(gcm(aes))", KeyMaterial(bytes(20)), 128),
+        "replay_window": 64, "esn": False, "output_mark": 0x10, "output_mark_mask": 0xFF, "priority": 10001,
+        "action": Action.BLOCK, "templates": (),
+    }
+    identity = {"dst", "spi"} if cls is SA else {"src", "dst", "direction"}
+    for field in fields(cls):
+        if field.name in identity:
+            continue
+        assert field.name in changed_values, f"new field {cls.__name__}.{field.name}: teach agent.diff about it"
+        other = replace(base, **{field.name: changed_values[field.name]})
+        if other == base:
+            other = replace(base, **{field.name: 0x5EA2})
+        actual = ([other], []) if cls is SA else ([], [other])
+        changes = diff.diff(state, *actual, CFG)
+        changed = changes.replace_sas if cls is SA else changes.update_policies
+        owned = diff.owns_sa(other, CFG) if isinstance(other, SA) else diff.owns_policy(other, CFG)
+        assert (base in [new for _, new in changed]) or not owned, f"{cls.__name__}.{field.name} change missed"
+
+
+def test_step_verbs_map_to_the_kernel_layer() -> None:
+    from agent.kernel.xfrm import Verb
+
+    changes = diff.diff(desired(), [], [], CFG)
+    assert {Verb(s.verb) for s in changes.steps()} == {Verb.ADD}
+    assert CFG.ownership.owns_sa(next(iter(desired().sas))) and CFG.ownership.priority_max == 10099
