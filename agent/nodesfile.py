@@ -86,6 +86,9 @@ def _list(field: str, value: Any) -> list[Any]:
 
 
 def _ip(field: str, value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # ipaddress takes an int as an address (24 -> 0.0.0.24): only strings are.
+    if not isinstance(value, str):
+        raise ConfigError(f"{field}: {value!r} is not an IP address (expected a string like \"172.18.0.2\")")
     try:
         return ipaddress.ip_address(value)
     except ValueError as e:
@@ -93,6 +96,8 @@ def _ip(field: str, value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _cidr(field: str, value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ConfigError(f"{field}: {value!r} is not a network (expected CIDR text like \"10.244.1.0/24\")")
     try:
         return ipaddress.ip_network(value, strict=True)
     except (ValueError, TypeError) as e:
