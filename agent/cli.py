@@ -3,7 +3,7 @@
     python -m agent apply  --node NAME --nodes FILE --keys FILE [--node-encryption]
     python -m agent apply  --mode wireguard --node NAME --nodes FILE --state-dir DIR
     python -m agent status [--mode ipsec|wireguard] [--json]
-    python -m agent pubkey --state-dir DIR
+    python -m agent pubkey --state-dir DIR [--key-epoch N] [--allow-key-regeneration]
 
 ``apply`` is the one-shot static mode: it programs the named node's datapath
 from a static description (see agent.nodesfile) through the same plan and
@@ -59,6 +59,23 @@ def _spi_prefix(value: str) -> int:
     return prefix
 
 
+def _epoch(value: str) -> int:
+    try:
+        epoch = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value!r}") from None
+    if epoch < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value!r}")
+    return epoch
+
+
+def _add_wireguard_key_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-epoch", type=_epoch, default=None,
+                   help="WireGuard key epoch (the stack's rotation); a new value makes a new key pair")
+    p.add_argument("--allow-key-regeneration", action="store_true",
+                   help="replace a lost, corrupt or exposed WireGuard private key instead of refusing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sealnet-agent", description="sealnet node agent")
     parser.add_argument(
@@ -85,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument(
         "--backend", choices=["auto", "kernel", "userspace"], default="auto", help="WireGuard backend"
     )
+    _add_wireguard_key_flags(apply)
 
     status = sub.add_parser("status", help="one line of encryption status, like `cilium status`")
     add_mode(status)
@@ -96,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pubkey = sub.add_parser("pubkey", help="print this node's WireGuard public key (creating the pair)")
     pubkey.add_argument("--state-dir", required=True)
+    _add_wireguard_key_flags(pubkey)
     pubkey.set_defaults(mode="wireguard")
     return parser
 

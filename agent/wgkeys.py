@@ -1,0 +1,256 @@
+"""The node's WireGuard key pair: made once, kept in the state dir, never shown.
+
+Each node makes its own X25519 key pair (``cryptography``) and keeps the
+private key in the agent's state dir (the DaemonSet's hostPath), so a restart
+reuses it and peers need not learn a new key. Only the public key leaves the
+node: base64, exactly as ``wg pubkey`` prints it, published as the Node
+annotation ``sealnet.io/wireguard-public-key`` (static mode: the node
+description's ``wireguardPublicKey``)::
+
+    pair = load_or_create("/var/lib/sealnet", epoch=3)
+    pair.public_key            # 'xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg='
+    bytes(pair.private)        # 32 bytes, for the backend only; repr is redacted
+
+The key file ``wireguard-key.json`` (mode 0600, owner only) holds the private
+key, the public key (a consistency check) and the key epoch it was made for.
+Writes are atomic: a temporary file in the same directory, fsync, rename,
+fsync of the directory, so a crash leaves either the old or the new key,
+never half of one.
+
+When is a new pair made?
+- no key file and nothing advertised for this node yet: first start, create;
+- the declared key epoch differs from the stored one: a static rotation,
+  always a new pair;
+- the file is unreadable, corrupt, not 0600, not ours, or lost while the node
+  still advertises a key: refuse with a ConfigError that says what is wrong
+  and how to proceed, unless the operator allowed regeneration
+  (``allowKeyRegeneration`` / ``--allow-key-regeneration``); never silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent.errors import ConfigError, KernelError
+from agent.model import KeyMaterial
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "wireguard-key.json"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+KEY_LEN = 32
+_FORMAT_VERSION = 1
+_REGEN_HINT = "remove the file or pass --allow-key-regeneration (allowKeyRegeneration: true)"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A WireGuard key pair; ``private`` never prints (KeyMaterial)."""
+
+    private: KeyMaterial
+    public_key: str
+    epoch: int
+
+
+def public_key_of(private: bytes) -> str:
+    """The base64 public key for a raw 32-byte private key (``wg pubkey``)."""
+    raw = X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return base64.b64encode(raw).decode("ascii")
+
+
+def generate(epoch: int = 0) -> KeyPair:
+    """A fresh key pair (not stored)."""
+    raw = X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return KeyPair(KeyMaterial(raw), public_key_of(raw), epoch)
+
+
+def check_public_key(text: object) -> Optional[str]:
+    """None if ``text`` is a WireGuard public key in base64, else why not."""
+    if not isinstance(text, str) or not text:
+        return "missing"
+    if len(text) != 44 or not text.endswith("="):
+        return f"{text!r} is not 44 characters of base64 ending in '='"
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return f"{text!r} is not valid base64"
+    if len(raw) != KEY_LEN:
+        return f"{text!r} decodes to {len(raw)} bytes, not {KEY_LEN}"
+    if base64.b64encode(raw).decode("ascii") != text:
+        return f"{text!r} is not canonical base64"
+    return None
+
+
+def key_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / KEY_FILE
+
+
+def load_or_create(
+    state_dir: str | Path,
+    epoch: Optional[int] = None,
+    allow_regeneration: bool = False,
+    advertised: Optional[str] = None,
+) -> KeyPair:
+    """The node's key pair, made or replaced only as the module docstring says.
+
+    ``epoch`` None keeps whatever epoch is stored; ``advertised`` is the
+    public key the cluster currently has for this node (None if none), used to
+    tell a first start from a lost key.
+    """
+    if epoch is not None and epoch < 0:
+        raise ConfigError(f"key epoch: must be an integer >= 0, got {epoch}")
+    directory = Path(state_dir)
+    _ensure_dir(directory)
+    path = directory / KEY_FILE
+    try:
+        stored: Optional[KeyPair] = _read(path)
+    except FileNotFoundError:
+        stored = None
+        if advertised is not None:
+            # The cluster knows a key for this node that we no longer have:
+            # a lost state dir, not a first start. Peers keep the old key
+            # until the new one is published, so this needs a human's yes.
+            problem = (f"{path} does not exist, but this node still advertises public key {advertised}: "
+                       f"the private key was lost")
+            return _regenerate_or_fail(path, problem, epoch or 0, allow_regeneration)
+    except _BadKeyFile as e:
+        return _regenerate_or_fail(path, str(e), epoch or 0, allow_regeneration)
+
+    if stored is None:
+        pair = generate(epoch or 0)
+        _write(path, pair)
+        log.info("wireguard key pair created path=%s epoch=%d public_key=%s", path, pair.epoch, pair.public_key)
+        return pair
+    if epoch is not None and epoch != stored.epoch:
+        pair = generate(epoch)
+        _write(path, pair)
+        log.info(
+            "wireguard key epoch changed old=%d new=%d: new key pair public_key=%s (was %s)",
+            stored.epoch, epoch, pair.public_key, stored.public_key,
+        )
+        return pair
+    return stored
+
+
+class _BadKeyFile(Exception):
+    """The key file exists but cannot be used; message names path and problem, never content."""
+
+
+def _regenerate_or_fail(path: Path, problem: str, epoch: int, allowed: bool) -> KeyPair:
+    if not allowed:
+        raise ConfigError(f"wireguard key: {problem}; {_REGEN_HINT}")
+    pair = generate(epoch)
+    _write(path, pair)
+    log.warning(
+        "wireguard key: %s; made a new key pair because regeneration is allowed path=%s public_key=%s",
+        problem, path, pair.public_key,
+    )
+    return pair
+
+
+def _ensure_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--state-dir: cannot create {directory}: {e.strerror}") from e
+    if not directory.is_dir():
+        raise ConfigError(f"--state-dir: {directory} is not a directory")
+
+
+def _read(path: Path) -> KeyPair:
+    # O_NOFOLLOW: a symlink planted in the state dir must not redirect us.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _BadKeyFile(f"cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _BadKeyFile(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise _BadKeyFile(f"{path} is owned by uid {st.st_uid}, not by the agent (uid {os.geteuid()})")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != FILE_MODE:
+            raise _BadKeyFile(
+                f"{path} has mode {mode:04o}, expected {FILE_MODE:04o} (owner read/write only); "
+                f"the private key may have been exposed"
+            )
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    finally:
+        os.close(fd)
+    return _parse(path, data)
+
+
+def _parse(path: Path, data: bytes) -> KeyPair:
+    # Error messages say what is wrong and never quote the content.
+    try:
+        doc: Any = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _BadKeyFile(f"{path} is corrupt (not a JSON key file)") from None
+    if not isinstance(doc, dict) or doc.get("version") != _FORMAT_VERSION:
+        raise _BadKeyFile(f"{path} is corrupt (expected a version {_FORMAT_VERSION} key file)")
+    epoch = doc.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise _BadKeyFile(f"{path} is corrupt (epoch is not an integer >= 0)")
+    try:
+        private = base64.b64decode(doc.get("privateKey", ""), validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise _BadKeyFile(f"{path} is corrupt (privateKey is not base64)") from None
+    if len(private) != KEY_LEN:
+        raise _BadKeyFile(f"{path} is corrupt (privateKey is {len(private)} bytes, not {KEY_LEN})")
+    public = public_key_of(private)
+    if doc.get("publicKey") != public:
+        raise _BadKeyFile(f"{path} is corrupt (publicKey does not belong to privateKey)")
+    return KeyPair(KeyMaterial(private), public, epoch)
+
+
+def _write(path: Path, pair: KeyPair) -> None:
+    doc = {
+        "version": _FORMAT_VERSION,
+        "epoch": pair.epoch,
+        "publicKey": pair.public_key,
+        "privateKey": base64.b64encode(bytes(pair.private)).decode("ascii"),
+    }
+    data = (json.dumps(doc, indent=2) + "\n").encode("ascii")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)  # left over by a crash between create and rename
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)  # O_CREAT's mode is masked by the umask; be exact
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        # Retryable (disk full, read-only mount): the old file, if any, is intact.
+        raise KernelError(f"wireguard key: cannot write {path}: {e.strerror}", e.errno) from e

@@ -1,0 +1,261 @@
+"""WireGuard mode: key pair + plan + backend + routing = one node's datapath.
+
+    python -m agent pubkey --state-dir /var/lib/sealnet [--key-epoch N]
+    python -m agent apply  --mode wireguard --node node-1 --nodes nodes.json \\
+                           --state-dir /var/lib/sealnet [--interface sealnet_wg0] [--port 51871] \\
+                           [--backend auto|kernel|userspace] [--node-encryption] [--key-epoch N]
+    python -m agent status --mode wireguard [--interface sealnet_wg0] [--json]
+
+``apply`` is idempotent and minimal: run it again with the same input and
+nothing changes (no peer, route or rule is rewritten, sessions go on); change
+one node and only that peer and its routes change; drop a node and its peer
+and routes go. An existing interface is adopted as it is, whichever backend
+made it. The daemon calls :func:`apply` (or :func:`reconcile` with a plan)
+the same way.
+
+Status prints one line like ``cilium status``::
+
+    Encryption: WireGuard [sealnet_wg0 (Pubkey: <key>, Port: 51871, Peers: 3, backend kernel)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pyroute2 import IPRoute
+
+from agent import nodesfile, wgkeys
+from agent.errors import ConfigError, KernelError
+from agent.kernel.wgroutes import Routing, describe_rule
+from agent.kernel.wireguard import Backend, KernelBackend, PeerFailure, UserspaceBackend, detect, open_backend
+from agent.model import KeyMaterial, Node
+from agent.wgplan import InterfaceConfig, Settings, diff_peers, find_local, plan
+
+log = logging.getLogger(__name__)
+
+_IFNAME = re.compile(r"\A[A-Za-z0-9_.-]{1,15}\Z")
+
+
+@dataclass
+class Report:
+    """What one apply did (counts) and what it could not do."""
+
+    interface: str
+    backend: str
+    created: bool
+    public_key: str
+    peers: int = 0
+    peers_added: int = 0
+    peers_updated: int = 0
+    peers_removed: int = 0
+    routes_added: int = 0
+    routes_removed: int = 0
+    rules_added: int = 0
+    rules_removed: int = 0
+    device_changed: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        made = " (created)" if self.created else ""
+        device = f", device {'+'.join(self.device_changed)}" if self.device_changed else ""
+        return (f"wireguard {self.interface}: backend {self.backend}{made}, peers {self.peers} "
+                f"(+{self.peers_added} ~{self.peers_updated} -{self.peers_removed}), "
+                f"routes +{self.routes_added} -{self.routes_removed}, rules +{self.rules_added} -{self.rules_removed}"
+                f"{device}, rejected {len(self.rejected)}, failed {len(self.failures)}")
+
+
+def apply(local_name: str, nodes: Sequence[Node], settings: Settings, state_dir: str | Path,
+          backend: str = "auto", epoch: Optional[int] = None, allow_regeneration: bool = False,
+          wireguard_go: str = "wireguard-go") -> Report:
+    """Program the local node's WireGuard datapath; KernelError if anything failed."""
+    local = find_local(local_name, nodes)
+    pair = wgkeys.load_or_create(state_dir, epoch, allow_regeneration, advertised=local.wireguard_public_key)
+    if local.wireguard_public_key is not None and local.wireguard_public_key != pair.public_key:
+        log.warning("wireguard node=%s advertises public_key=%s but its key is %s: peers reach it only "
+                    "once they have the new key", local.name, local.wireguard_public_key, pair.public_key)
+    with IPRoute() as ipr:
+        settings = replace(settings, underlay_mtu=underlay_mtu(ipr, local))
+        config = plan(local, nodes, pair.public_key, settings)
+        dev, created = open_backend(settings.interface, backend, ipr, wireguard_go)
+        try:
+            report = reconcile(config, pair.private, dev, ipr, created)
+        finally:
+            dev.close()
+        if settings.node_encryption:
+            _check_rp_filter(ipr, local)
+    if report.failures:
+        raise KernelError(f"wireguard {settings.interface}: {len(report.failures)} change(s) failed: "
+                          + "; ".join(report.failures[:5]))
+    return report
+
+
+def reconcile(config: InterfaceConfig, private: KeyMaterial, dev: Backend, ipr: Any,
+              created: bool = False) -> Report:
+    """Make the device, its link, routes and rules match ``config``; minimal changes only."""
+    report = Report(config.interface, dev.name, created, config.public_key, peers=len(config.peers),
+                    rejected=[f"{r.node}: {r.reason}" for r in config.rejected])
+    index = ipr.link_lookup(ifname=config.interface)
+    if not index:
+        raise KernelError(f"wireguard {config.interface}: interface vanished during apply")
+    ifindex = index[0]
+
+    state = dev.read()
+    key = private if state.public_key != config.public_key else None
+    port = config.listen_port if state.listen_port != config.listen_port else None
+    fwmark = config.fwmark if state.fwmark != config.fwmark else None
+    if key is not None or port is not None or fwmark is not None:
+        # The mark must be on the socket before a rule relies on it (below).
+        dev.set_device(key, port, fwmark)
+        report.device_changed = [n for n, v in (("key", key), ("port", port), ("fwmark", fwmark)) if v is not None]
+        log.info("wireguard device set interface=%s changed=%s public_key=%s", config.interface,
+                 ",".join(report.device_changed), config.public_key)
+
+    link = ipr.get_links(ifindex)[0]
+    if link.get("mtu") != config.mtu or link.get("state") != "up":
+        ipr.link("set", index=ifindex, mtu=config.mtu, state="up")
+
+    # Peers before routes: a route into the tunnel before its peer exists
+    # would refuse packets that a moment later would have been encrypted.
+    changes = diff_peers(config.peers, state.peers)
+    failures: list[PeerFailure] = dev.apply_peers(changes) if changes else []
+    failed = {f.change.public_key for f in failures}
+    for c in changes:
+        if c.public_key in failed:
+            continue
+        if c.op == "add":
+            report.peers_added += 1
+        elif c.op == "update":
+            report.peers_updated += 1
+        else:
+            report.peers_removed += 1
+        log.info("wireguard peer %s node=%s public_key=%s allowed_ips=%s", c.op, c.node or "-", c.public_key,
+                 ",".join(map(str, c.allowed_ips)) if c.allowed_ips is not None else "unchanged")
+    report.failures += [f.describe() for f in failures]
+
+    routing = Routing(ipr)
+    have_routes, have_rules = routing.read(config.table, ifindex, config.rule_priority)
+    add_routes = config.routes - have_routes
+    # A route whose destination stays (type or source changed) is replaced
+    # in place by the add; delete only destinations that are gone.
+    wanted_dst = {r.dst for r in config.routes}
+    del_routes = {r for r in have_routes - config.routes if r.dst not in wanted_dst}
+    add_rules, del_rules = config.rules - have_rules, have_rules - config.rules
+    report.failures += routing.apply(ifindex, add_routes, del_routes, add_rules, del_rules)
+    report.routes_added, report.routes_removed = len(add_routes), len(del_routes)
+    report.rules_added, report.rules_removed = len(add_rules), len(del_rules)
+    for rule in add_rules:
+        log.info("wireguard rule added %s", describe_rule(rule))
+    for rule in del_rules:
+        log.info("wireguard rule removed %s", describe_rule(rule))
+    for failure in report.failures:
+        log.error("wireguard apply failed: %s", failure)
+    return report
+
+
+def underlay_mtu(ipr: Any, local: Node) -> int:
+    """MTU of the link that holds the local node's IP (where WireGuard's UDP leaves)."""
+    for msg in ipr.get_addr():
+        if msg.get("address") == str(local.ip):
+            return int(ipr.get_links(msg["index"])[0].get("mtu"))
+    raise ConfigError(f"--node: {local.name}'s IP {local.ip} is not assigned to any interface in this network "
+                      f"namespace; is --node right, and does the agent run in the node's namespace?")
+
+
+def _check_rp_filter(ipr: Any, local: Node) -> None:
+    # Strict reverse-path filtering checks the source of WireGuard's incoming
+    # UDP with mark 0; the not-fwmark rule then points the peer's node IP at
+    # the tunnel, not at the underlay, and the packet is dropped.
+    dev = next((ipr.get_links(m["index"])[0].get("ifname") for m in ipr.get_addr()
+                if m.get("address") == str(local.ip)), None)
+    values = []
+    for name in ("all", dev):
+        try:
+            values.append(int(Path(f"/proc/sys/net/ipv4/conf/{name}/rp_filter").read_text()))
+        except (OSError, ValueError, TypeError):
+            pass
+    if values and max(values) == 1:
+        log.warning("wireguard nodeEncryption: rp_filter is strict (1) on %s; WireGuard packets from peers will be "
+                    "dropped. Set net.ipv4.conf.all.rp_filter and net.ipv4.conf.%s.rp_filter to 2 (loose) or 0",
+                    dev, dev)
+
+
+# -- status --------------------------------------------------------------------
+
+
+def status(interface: str) -> dict[str, Any]:
+    """The interface's state as data (no private key); ``present`` False when it does not exist."""
+    with IPRoute() as ipr:
+        kind = detect(ipr, interface)
+        if kind is None:
+            return {"encryption": "WireGuard", "interface": interface, "present": False}
+        dev: Backend = KernelBackend(interface) if kind == "kernel" else UserspaceBackend(interface)
+        try:
+            state = dev.read()
+        finally:
+            dev.close()
+        link = ipr.get_links(ipr.link_lookup(ifname=interface)[0])[0]
+    now = time.time()
+    return {
+        "encryption": "WireGuard", "interface": interface, "present": True, "backend": state.backend,
+        "publicKey": state.public_key, "port": state.listen_port, "fwmark": state.fwmark,
+        "mtu": link.get("mtu"), "up": link.get("state") == "up", "peers": len(state.peers),
+        "peerList": [
+            {"publicKey": p.public_key,
+             "endpoint": f"{p.endpoint[0]}:{p.endpoint[1]}" if p.endpoint else None,
+             "allowedIPs": sorted(map(str, p.allowed_ips)),
+             "latestHandshakeSecondsAgo": round(now - p.last_handshake, 1) if p.last_handshake else None,
+             "rxBytes": p.rx_bytes, "txBytes": p.tx_bytes}
+            for p in sorted(state.peers.values(), key=lambda p: p.public_key)
+        ],
+    }
+
+
+def status_line(st: dict[str, Any]) -> str:
+    if not st["present"]:
+        return f"Encryption: WireGuard [{st['interface']} (not present)]"
+    return (f"Encryption: WireGuard [{st['interface']} (Pubkey: {st['publicKey']}, Port: {st['port']}, "
+            f"Peers: {st['peers']}, backend {st['backend']})]")
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def _interface(value: str) -> str:
+    if not _IFNAME.match(value) or value in (".", ".."):
+        raise ConfigError(f"--interface: {value!r} is not a Linux interface name "
+                          f"(1..15 characters of A-Z a-z 0-9 _ . -)")
+    return value
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    if not args.state_dir:
+        raise ConfigError("--state-dir: required in wireguard mode (where the node's private key is kept)")
+    settings = Settings(interface=_interface(args.interface), port=args.port,
+                        node_encryption=bool(args.node_encryption))
+    nodes = nodesfile.load(args.nodes)
+    report = apply(args.node, nodes, settings, args.state_dir, args.backend,
+                   epoch=getattr(args, "key_epoch", None),
+                   allow_regeneration=bool(getattr(args, "allow_key_regeneration", False)))
+    print(report.summary())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = status(_interface(args.interface))
+    print(json.dumps(st, indent=2) if args.json else status_line(st))
+    return 0 if st["present"] else 1
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    pair = wgkeys.load_or_create(args.state_dir, getattr(args, "key_epoch", None),
+                                 bool(getattr(args, "allow_key_regeneration", False)))
+    print(pair.public_key)
+    return 0
