@@ -188,9 +188,10 @@ def _read(path: Path) -> KeyPair:
         if st.st_uid != os.geteuid():
             raise _BadKeyFile(f"{path} is owned by uid {st.st_uid}, not by the agent (uid {os.geteuid()})")
         mode = stat.S_IMODE(st.st_mode)
-        if mode != FILE_MODE:
+        if mode & 0o077:
+            # Readable or writable by others: the key may be known or planted.
             raise _BadKeyFile(
-                f"{path} has mode {mode:04o}, expected {FILE_MODE:04o} (owner read/write only); "
+                f"{path} has mode {mode:04o}, expected {FILE_MODE:04o} (no access for group or others); "
                 f"the private key may have been exposed"
             )
         data = b""

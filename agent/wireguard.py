@@ -34,9 +34,10 @@ from pyroute2 import IPRoute
 from agent import nodesfile, wgkeys
 from agent.errors import ConfigError, KernelError
 from agent.kernel.wgroutes import Routing, describe_rule
-from agent.kernel.wireguard import Backend, KernelBackend, PeerFailure, UserspaceBackend, detect, open_backend
+from agent.kernel.wguapi import UserspaceBackend
+from agent.kernel.wireguard import Backend, KernelBackend, detect, open_backend
 from agent.model import KeyMaterial, Node
-from agent.wgplan import InterfaceConfig, Settings, diff_peers, find_local, plan
+from agent.wgplan import InterfaceConfig, PeerFailure, Settings, diff_peers, find_local, plan
 
 log = logging.getLogger(__name__)
 
