@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_mode(p: argparse.ArgumentParser) -> None:
         p.add_argument("--mode", choices=["ipsec", "wireguard"], default="ipsec")
+        p.add_argument("--netns", help="act on this named network namespace instead of the current one (ipsec)")
 
     apply = sub.add_parser("apply", help="program this node's datapath from a static description")
     add_mode(apply)

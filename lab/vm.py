@@ -21,8 +21,10 @@ import glob
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ RESULTS_ROOT = ROOT / "lab-results"
 # Modules the datapath tests need; loaded before pytest starts so that a
 # missing one fails loudly here rather than as a confusing netlink error.
 MODULES = ("esp4", "esp6", "xfrm_user", "xfrm4_tunnel", "wireguard")
+#: Seconds one lab test may take (TCG is slow; the slowest test takes ~3 min alone).
+TEST_TIMEOUT = 900
 INSTALL_HINT = "install them with: sudo scripts/install-deps (apt packages listed in apt-packages.txt)"
 
 
@@ -95,13 +99,14 @@ def guest_script(pytest_args: Sequence[str], results: Path) -> str:
     return f"""#!/bin/sh
 set -u
 export PATH={shlex.quote(str(Path(sys.executable).parent))}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export PYTHONDONTWRITEBYTECODE=1 SEALNET_IN_LAB=1 HOME=/tmp SEALNET_LAB_RESULTS={results}
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 SEALNET_IN_LAB=1 HOME=/tmp SEALNET_LAB_RESULTS={results}
 cd {shlex.quote(str(ROOT))}
 for m in {' '.join(MODULES)}; do
   modprobe "$m" || {{ echo "lab: modprobe $m failed" >&2; echo 3 > {results}/rc; exit 3; }}
 done
 date +%s.%N > {results}/booted
-python -m pytest -m kernel_lab -p no:cacheprovider \\
+# A hung test fails with its stack (pytest-timeout) instead of eating the run.
+python -m pytest -m kernel_lab -p no:cacheprovider --timeout={TEST_TIMEOUT} \\
   --junitxml={results}/junit.xml -v {args}
 echo $? > {results}/rc
 """
@@ -126,18 +131,32 @@ def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 1800) -
     # qemu reopens its output by path: pipe it through us rather than into a
     # file, or the guest's stdout and stderr overwrite each other.
     with open(results / "console.log", "w") as log:
+        # Its own session, so a timeout (or ^C) takes qemu down with vng.
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                errors="replace")
+                                errors="replace", start_new_session=True)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _kill_group(proc)
+
+        watchdog = threading.Timer(timeout, expire)
+        watchdog.start()
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
                 sys.stdout.write(line)
                 log.write(line)
-                if time.time() - start > timeout:
-                    proc.kill()
-                    raise LabUnavailable(f"the lab VM did not finish within {timeout:.0f} s")
+                log.flush()
         finally:
-            proc.wait()
+            watchdog.cancel()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                proc.wait()
+    if expired.is_set():
+        raise LabUnavailable(f"the lab VM did not finish within {timeout:.0f} s; see {results / 'console.log'}")
     wall = time.time() - start
     rc_file = results / "rc"
     if not rc_file.exists():
@@ -147,6 +166,13 @@ def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 1800) -
     boot = float(booted.read_text()) - start if booted.exists() else wall
     counts = _junit_counts(results / "junit.xml")
     return LabRun(int(rc_file.read_text().strip() or 1), *counts, boot_seconds=boot, wall_seconds=wall)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _junit_counts(path: Path) -> tuple[int, int, int, int]:
