@@ -53,12 +53,14 @@ class Routing:
     def read(self, table: int, ifindex: int, priority: int) -> tuple[set[Route], set[Rule]]:
         routes: set[Route] = set()
         for msg in self.ipr.get_routes(family=socket.AF_UNSPEC, table=table):
-            if msg["proto"] != self.protocol or msg.get("table") != table:
+            # get_attr, not get(): pyroute2's generic lookup costs more than
+            # the dump itself when the table holds thousands of routes.
+            if msg["proto"] != self.protocol or msg.get_attr("RTA_TABLE") != table:
                 continue
             route = _route_of(msg, table)
             # A unicast route of ours through another device does not count
             # as present: the diff adds the right one, which replaces it.
-            if route is not None and (route.type != "unicast" or msg.get("oif") == ifindex):
+            if route is not None and (route.type != "unicast" or msg.get_attr("RTA_OIF") == ifindex):
                 routes.add(route)
         rules: set[Rule] = set()
         for version, family in _AF.items():
@@ -158,7 +160,7 @@ def _describe(route: Route) -> str:
 
 
 def _route_of(msg: Any, table: int) -> Route | None:
-    dst = msg.get("dst")
+    dst = msg.get_attr("RTA_DST")
     if dst is None:
         return None  # a default route is never ours
     net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}")
@@ -166,7 +168,7 @@ def _route_of(msg: Any, table: int) -> Route | None:
         return Route(net, table, "unreachable")
     if msg["type"] != RTN_UNICAST:
         return None
-    src = msg.get("prefsrc")
+    src = msg.get_attr("RTA_PREFSRC")
     return Route(net, table, "unicast", ipaddress.ip_address(src) if src else None)
 
 
