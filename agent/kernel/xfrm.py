@@ -16,8 +16,8 @@ Dumps return every object in the kernel, foreign ones included; ownership
 (:class:`agent.model.Ownership`: reqid, SPI prefix, priority band) is the
 reconciler's filter. What the model has no field for is not read back:
 selector ports/protocol, marks and if_id, lifetimes, template mode (always
-written as tunnel, ESP, level required); per-socket policies (dir >= 3) are
-skipped. An ``auth_trunc_bits`` equal to the kernel's default for the hash
+written as tunnel, ESP, level required); per-socket policies (dir >= 3) and
+sub policies are skipped. An ``auth_trunc_bits`` equal to the kernel's default for the hash
 reads back as 0, the model's "default".
 
 Writing: every SA gets infinite lifetimes (iproute2's "no limit"), ESN with
@@ -27,50 +27,38 @@ place (xfrm_state_update() copies only encap, addresses, selector, lifetime
 and marks): ``update_sa`` is for those; a new key is a new SA.
 
 Batching: :meth:`Xfrm.apply` puts up to ``batch_size`` requests into one
-sendmsg(). The kernel runs them in order inside that call (xfrm_netlink_rcv()
-under xfrm_cfg_mutex) and answers only failures, except for the last request
-of each batch, which asks for an ack and so marks the end. Each failure names
-its object and the errno; the others still apply.
+sendmsg() (:mod:`agent.kernel.nlbatch`; XFRM handles them in order under
+xfrm_cfg_mutex). Each failure names its object and the errno; the others
+still apply. Single-object methods raise the KernelError instead.
 """
 
 from __future__ import annotations
 
 import enum
-import errno as errnos
+import errno
 import ipaddress
-import itertools
-import logging
-import os
-import select
 import socket
-import struct
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Protocol, Sequence, Union
+from typing import Any, Iterable, Optional, Union
 
-from pyroute2.netlink import (
-    NETLINK_XFRM, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_DUMP, NLM_F_DUMP_INTR,
-    NLM_F_MULTI, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, SOL_NETLINK,
-)
+from pyroute2.netlink import NETLINK_XFRM, NLM_F_DUMP, NLM_F_REQUEST, SOL_NETLINK
 from pyroute2.netlink.marshal import Marshal
 from pyroute2.netlink.nlsocket import AsyncNetlinkSocket, NetlinkSocket
 
 from agent.errors import ConfigError, KernelError
 from agent.kernel import xfrm_msg as xm
+from agent.kernel.nlbatch import NETLINK_CAP_ACK, Batcher, Request, Transport
 from agent.model import (
     SA, Action, AeadAlgorithm, CipherAuthAlgorithm, Direction, IPAddress, IPNetwork, KeyMaterial,
     Policy, SACounters, Template,
 )
 
-log = logging.getLogger(__name__)
-
-NETLINK_CAP_ACK = 10  # errors echo only the request's header: never its keys
-NLMSGERR_ATTR_MSG = 1
 ALL_ALGOS = 0xFFFFFFFF  # template aalgos/ealgos/calgos: any, as iproute2 writes
-REPLY_TIMEOUT = 10.0  # seconds without a reply before a request counts as lost
 # net/xfrm/xfrm_algo.c icv_truncbits: what the kernel applies when the
-# requested truncation is 0 (attach_auth_trunc())
+# requested truncation is 0. Note hmac(sha256): Linux keeps the pre-RFC 4868
+# 96 bits; a peer that expects RFC 4868's 128 needs auth_trunc_bits=128.
 AUTH_TRUNC_DEFAULT_BITS = {
-    "hmac(md5)": 96, "hmac(sha1)": 96, "hmac(sha256)": 128, "hmac(sha384)": 192,
+    "hmac(md5)": 96, "hmac(sha1)": 96, "hmac(sha256)": 96, "hmac(sha384)": 192,
     "hmac(sha512)": 256, "hmac(rmd160)": 96, "xcbc(aes)": 96, "cmac(aes)": 96,
 }
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -78,16 +66,6 @@ _NO_KEY = KeyMaterial(b"")  # an AH or crypt-only foreign SA lacks one of the ke
 
 SAKey = tuple[IPAddress, int]
 XfrmObject = Union[SA, Policy]
-
-
-class NetlinkTransport(Protocol):
-    """What :class:`Xfrm` needs of its socket (an :class:`XfrmSocket`, or a
-    plain ``socket.socket(AF_NETLINK, SOCK_RAW, NETLINK_XFRM)``)."""
-
-    def send(self, data: bytes) -> int: ...
-    def recv(self, bufsize: int) -> bytes: ...
-    def fileno(self) -> int: ...
-    def close(self) -> None: ...
 
 
 class MarshalXfrm(Marshal):
@@ -110,6 +88,7 @@ class XfrmSocket(NetlinkSocket):
 
     def __init__(self, netns: Optional[str] = None) -> None:
         super().__init__(family=NETLINK_XFRM, netns=netns, flags=0, ext_ack=True)
+        # errors echo only the failed request's header, never its keys
         self.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
 
 
@@ -135,27 +114,12 @@ class Failure:
     error: KernelError
 
 
-class _Request:
-    __slots__ = ("msg", "what", "replies", "code", "extack", "done", "intr")
-
-    def __init__(self, msg: xm.xfrm_msg, what: str) -> None:
-        self.msg, self.what = msg, what
-        self.replies: list[xm.xfrm_msg] = []
-        self.code, self.extack, self.done, self.intr = 0, "", False, False
-
-    def error(self) -> KernelError:
-        name = errnos.errorcode.get(self.code, "?")
-        why = f"{os.strerror(self.code)} ({name})" + (f": {self.extack}" if self.extack else "")
-        return KernelError(f"{self.what}: {why}", self.code)
-
-
 class Xfrm:
     """SAs and policies in one network namespace; see the module doc."""
 
-    def __init__(self, sock: NetlinkTransport, batch_size: int = 128) -> None:
+    def __init__(self, sock: Transport, batch_size: int = 128) -> None:
         self._sock = sock
-        self._batch_size = batch_size
-        self._seq = itertools.count(1)
+        self._batcher = Batcher(sock, xm.MSG_MAP, batch_size)
 
     @classmethod
     def open(cls, netns: Optional[str] = None, batch_size: int = 128) -> "Xfrm":
@@ -193,9 +157,9 @@ class Xfrm:
     def apply(self, changes: Iterable[Change]) -> list[Failure]:
         """Send all changes batched; return the ones the kernel refused."""
         changes = list(changes)
-        requests = [_Request(_change_msg(c), f"{c.verb.value} {c.obj.describe()}")
+        requests = [Request(_change_msg(c), f"{c.verb.value} {c.obj.describe()}")
                     for c in changes]
-        self._exchange(requests, expect_reply=False)
+        self._batcher.exchange(requests, expect_reply=False)
         return [Failure(c, r.error()) for c, r in zip(changes, requests) if r.code]
 
     def _raise_first(self, changes: list[Change]) -> None:
@@ -207,14 +171,14 @@ class Xfrm:
     def get_sa(self, dst: IPAddress, spi: int) -> Optional[SA]:
         """The SA (dst, spi, esp), or None when the kernel has none."""
         msg = sa_id_msg(xm.XFRM_MSG_GETSA, dst, spi, None)
-        replies = self._get(msg, f"get sa dst={dst} spi={spi:#010x}", errnos.ESRCH)
+        replies = self._get(msg, f"get sa dst={dst} spi={spi:#010x}", errno.ESRCH)
         return sa_from_msg(replies[0]) if replies else None
 
     def get_policy(self, direction: Direction, src: IPNetwork, dst: IPNetwork) -> Optional[Policy]:
         """The policy with exactly this selector and direction, or None."""
         msg = policy_id_msg(xm.XFRM_MSG_GETPOLICY, direction, src, dst)
         what = f"get policy {direction.name.lower()} {src} -> {dst}"
-        replies = self._get(msg, what, errnos.ENOENT)
+        replies = self._get(msg, what, errno.ENOENT)
         return policy_from_msg(replies[0]) if replies else None
 
     def dump_sas(self) -> list[SA]:
@@ -232,8 +196,8 @@ class Xfrm:
         return [policy_from_msg(m) for m in msgs if _is_global_main(m)]
 
     def _get(self, msg: xm.xfrm_msg, what: str, missing: int) -> list[xm.xfrm_msg]:
-        request = _Request(msg, what)
-        self._exchange([request], expect_reply=True)
+        request = Request(msg, what)
+        self._batcher.exchange([request], expect_reply=True)
         if request.code == missing:
             return []
         if request.code:
@@ -244,91 +208,13 @@ class Xfrm:
         for _ in range(3):  # a table changed mid-dump is dumped again
             msg = xm.xfrm_dump_request()
             msg["header"].update(type=msg_type, flags=NLM_F_REQUEST | NLM_F_DUMP)
-            request = _Request(msg, what)
-            self._exchange([request], expect_reply=True)
+            request = Request(msg, what)
+            self._batcher.exchange([request], expect_reply=True)
             if request.code:
                 raise request.error()
             if not request.intr:
                 break
         return request.replies
-
-    # -- netlink I/O -----------------------------------------------------------
-    def _exchange(self, requests: Sequence[_Request], expect_reply: bool) -> None:
-        """Send requests in batches and collect each one's answer."""
-        for start in range(0, len(requests), self._batch_size):
-            batch = requests[start:start + self._batch_size]
-            by_seq = {}
-            for i, request in enumerate(batch):
-                header = request.msg["header"]
-                seq = header["sequence_number"] = next(self._seq) & 0xFFFFFFFF or 1
-                if i == len(batch) - 1 and not expect_reply:
-                    header["flags"] |= NLM_F_ACK  # the batch's end marker
-                request.msg.encode()
-                by_seq[seq] = request
-            self._send(b"".join(bytes(r.msg.data) for r in batch))
-            self._receive(by_seq, batch[-1])
-
-    def _send(self, data: bytes) -> None:
-        try:
-            self._sock.send(data)
-        except OSError as e:
-            raise KernelError(f"netlink send failed: {e}", e.errno) from e
-
-    def _receive(self, by_seq: dict[int, _Request], last: _Request) -> None:
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        while not last.done:
-            if not poller.poll(REPLY_TIMEOUT * 1000):
-                raise KernelError(f"{last.what}: no reply from the kernel in {REPLY_TIMEOUT}s")
-            try:
-                data = self._sock.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError as e:  # ENOBUFS: replies were dropped
-                raise KernelError(f"{last.what}: netlink receive failed: {e}", e.errno) from e
-            self._dispatch(data, by_seq)
-
-    @staticmethod
-    def _dispatch(data: bytes, by_seq: dict[int, _Request]) -> None:
-        offset = 0
-        while offset + 16 <= len(data):
-            length, mtype, flags, seq, _ = struct.unpack_from("=IHHII", data, offset)
-            request = by_seq.get(seq)
-            if request is not None:
-                if mtype == NLMSG_ERROR:
-                    request.code = -struct.unpack_from("=i", data, offset + 16)[0]
-                    request.extack = _extack(data, offset, length, flags)
-                    request.done = True
-                elif mtype == NLMSG_DONE:
-                    request.code = -struct.unpack_from("=i", data, offset + 16)[0]
-                    request.done = True
-                elif mtype in xm.MSG_MAP:
-                    msg = xm.MSG_MAP[mtype](data, offset=offset)
-                    msg.decode()
-                    request.replies.append(msg)
-                    request.intr |= bool(flags & NLM_F_DUMP_INTR)
-                    request.done = not flags & NLM_F_MULTI
-            offset += (length + 3) & ~3 if length else len(data)
-
-
-def _extack(data: bytes, offset: int, length: int, flags: int) -> str:
-    """NLMSGERR_ATTR_MSG of an error, found after the echoed request.
-
-    (pyroute2 0.9.7's nlmsgerr looks for these attributes right after the
-    errno, where the echo sits, so it cannot be used here.)"""
-    if not flags & NLM_F_ACK_TLVS:
-        return ""
-    echoed = struct.unpack_from("=I", data, offset + 20)[0]
-    pos = offset + 20 + (16 if flags & NLM_F_CAPPED else (echoed + 3) & ~3)
-    end = offset + length
-    while pos + 4 <= end:
-        alen, atype = struct.unpack_from("=HH", data, pos)
-        if alen < 4:
-            break
-        if atype == NLMSGERR_ATTR_MSG:
-            return bytes(data[pos + 4:pos + alen]).split(b"\0", 1)[0].decode("ascii", "replace")
-        pos += (alen + 3) & ~3
-    return ""
 
 
 # -- model -> messages ---------------------------------------------------------
