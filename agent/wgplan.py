@@ -31,7 +31,10 @@ Peers with a missing, malformed or duplicate public key (or with pod CIDRs
 that clash) are rejected: a log line names the nodes and the reason, they get
 no peer entry, and their pod CIDRs get an ``unreachable`` route in T, so pod
 traffic to them is refused, never sent in clear (strict mode, as for IPsec).
-Their node IPs are not blocked: that could lock a node out of its API server.
+Configured peers' pod CIDRs have the same unreachable route below the tunnel
+route, so traffic fails closed if the device goes away (wireguard-go killed
+with the agent's container). Node IPs are never blocked: that could lock a
+node out of its API server.
 
 MTU: the underlay MTU minus 80, WireGuard's worst case: an IPv6 outer header
 (40) + UDP (8) + WireGuard data header (type, receiver index, counter: 16)
@@ -65,6 +68,11 @@ ROUTE_TABLE = 51871
 RULE_PRIORITY = 871
 #: rtm_protocol / FRA_PROTOCOL of our routes and rules (not a reserved number).
 RTPROT_SEALNET = 0x5E
+#: Route metrics in our table: the tunnel route, and below it (higher metric)
+#: an ``unreachable`` route for the same pod CIDR that takes over when the
+#: tunnel route disappears with its device (wireguard-go exited, link deleted).
+ROUTE_METRIC = 100
+FALLBACK_METRIC = 200
 
 Endpoint = tuple[IPAddress, int]
 
@@ -104,12 +112,20 @@ class PeerState:
 
 @dataclass(frozen=True)
 class Route:
-    """A route in our table: ``dst dev <wg>`` (unicast) or ``unreachable dst``."""
+    """A route in our table: ``dst dev <wg>`` (unicast) or ``unreachable dst``.
+
+    The kernel tells routes of one table apart by (dst, metric).
+    """
 
     dst: IPNetwork
     table: int
     type: Literal["unicast", "unreachable"] = "unicast"
     src: Optional[IPAddress] = None
+    metric: int = ROUTE_METRIC
+
+    @property
+    def key(self) -> tuple[IPNetwork, int]:
+        return (self.dst, self.metric)
 
 
 @dataclass(frozen=True)
@@ -247,11 +263,14 @@ def plan(local: Node, nodes: Sequence[Node], own_public_key: str, settings: Sett
             # IP as source (which the peer allows); without it only pods,
             # forwarded with their own source, use these routes.
             routes.add(Route(net, settings.table, "unicast", local_src[net.version] if enc else None))
-    # Strict mode: a rejected peer's pods are unreachable rather than reached
-    # in clear. Not when its CIDR clashes with ours: that would cut our pods.
-    blocked = {c for n in peers_nodes if n.name in rejected and n.name not in clashing_local for c in n.pod_cidrs}
-    blocked -= {r.dst for r in routes}
-    routes |= {Route(c, settings.table, "unreachable") for c in blocked}
+    # Fail closed: every peer's pod CIDR also gets an unreachable route below
+    # the tunnel route. For a rejected peer it is the only one (strict mode:
+    # its pods are refused, never reached in clear); for a configured peer it
+    # takes over if the tunnel route vanishes with its device. Not for CIDRs
+    # that clash with ours (that would cut our own pods), nor for node IPs
+    # (that could lock a node out of its API server).
+    routes |= {Route(c, settings.table, "unreachable", None, FALLBACK_METRIC)
+               for n in peers_nodes if n.name not in clashing_local for c in n.pod_cidrs}
 
     families = {r.dst.version for r in routes}
     rules: set[Rule] = set()

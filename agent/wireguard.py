@@ -144,10 +144,11 @@ def reconcile(config: InterfaceConfig, private: KeyMaterial, dev: Backend, ipr: 
     routing = Routing(ipr)
     have_routes, have_rules = routing.read(config.table, ifindex, config.rule_priority)
     add_routes = config.routes - have_routes
-    # A route whose destination stays (type or source changed) is replaced
-    # in place by the add; delete only destinations that are gone.
-    wanted_dst = {r.dst for r in config.routes}
-    del_routes = {r for r in have_routes - config.routes if r.dst not in wanted_dst}
+    # A route whose (dst, metric) stays but whose type or source changed is
+    # replaced in place by the add (never a moment without it); delete only
+    # what is gone.
+    wanted = {r.key for r in config.routes}
+    del_routes = {r for r in have_routes - config.routes if r.key not in wanted}
     add_rules, del_rules = config.rules - have_rules, have_rules - config.rules
     report.failures += routing.apply(ifindex, add_routes, del_routes, add_rules, del_rules)
     report.routes_added, report.routes_removed = len(add_routes), len(del_routes)

@@ -34,6 +34,9 @@ from lab.topology import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = 51871
+#: One agent run. On the host it takes about a second; in the lab VM (TCG,
+#: the checkout over 9p) importing the agent alone can take a minute.
+TIMEOUT = 600
 
 
 class WgCluster:
@@ -58,7 +61,8 @@ class WgCluster:
 
     # -- running the agent ---------------------------------------------------
 
-    def agent(self, ns: Optional[str], *argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def agent(self, ns: Optional[str], *argv: str, check: bool = True,
+              timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
         """``python -m agent --log-level debug ARGV`` (in ``ns``); output checked for private keys."""
         cmd = [sys.executable, "-m", "agent", "--log-level", "debug", *argv]
         if ns is not None:
@@ -87,13 +91,33 @@ class WgCluster:
 
     def publish_keys(self, epochs: Optional[dict[int, int]] = None) -> dict[str, str]:
         """Each node's public key via ``agent pubkey`` (the new one for nodes in ``epochs``); rewrite nodes.json."""
-        for i, node in enumerate(self.c.nodes):
+        argvs = []
+        for i in range(len(self.c.nodes)):
             argv = ["pubkey", "--state-dir", str(self.state_dirs[i])]
             if epochs and i in epochs:
                 argv += ["--key-epoch", str(epochs[i])]
-            self.keys[node.name] = self.agent(None, *argv).stdout.strip()
+            argvs.append((None, argv))
+        for node, out in zip(self.c.nodes, self.parallel(argvs)):
+            self.keys[node.name] = out.strip()
         self.write_nodes()
         return dict(self.keys)
+
+    def parallel(self, runs: list[tuple[Optional[str], list[str]]]) -> list[str]:
+        """Agent runs (ns, argv) at once; their stdout, in order. Each must succeed."""
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        procs = []
+        for ns, argv in runs:
+            cmd = [sys.executable, "-m", "agent", "--log-level", "debug", *argv]
+            procs.append(subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd, cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=TIMEOUT)
+            self.assert_no_secret(out + err)
+            self.outputs.append(out + err)
+            assert proc.returncode == 0, err[-2000:]
+            outs.append(out)
+        return outs
 
     def write_nodes(self, edit: Optional[Any] = None, path: Optional[Path] = None) -> Path:
         """nodes.json with the published keys; ``edit(doc)`` may change it first."""
@@ -119,21 +143,16 @@ class WgCluster:
         return self.agent(self.c.nodes[i].ns, *self.apply_argv(i, nodes, *extra), check=check)
 
     def apply_all(self, nodes: Optional[Path] = None) -> list[str]:
-        """Apply on every node; the summary line of each."""
-        return [self.apply(i, nodes=nodes).stdout.strip() for i in range(len(self.c.nodes))]
+        """Apply on every node (at once); the summary line of each."""
+        runs = [(node.ns, self.apply_argv(i, nodes)) for i, node in enumerate(self.c.nodes)]
+        return [out.strip() for out in self.parallel(runs)]
 
     def apply_parallel(self, extra: Optional[dict[int, list[str]]] = None) -> float:
         """Apply on every node at once (as agents reacting to one change would); wall time in s."""
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        runs = [(node.ns, self.apply_argv(i, None, *((extra or {}).get(i, []))))
+                for i, node in enumerate(self.c.nodes)]
         start = time.monotonic()
-        procs = [subprocess.Popen(["ip", "netns", "exec", node.ns, sys.executable, "-m", "agent", "--log-level",
-                                   "debug", *self.apply_argv(i, None, *((extra or {}).get(i, [])))],
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i, node in enumerate(self.c.nodes)]
-        for proc in procs:
-            out, err = proc.communicate(timeout=120)
-            self.assert_no_secret(out + err)
-            assert proc.returncode == 0, err[-2000:]
+        self.parallel(runs)
         return time.monotonic() - start
 
     def status(self, i: int) -> dict[str, Any]:
@@ -143,8 +162,28 @@ class WgCluster:
         return result
 
     def peers(self, i: int) -> dict[str, dict[str, Any]]:
-        """Peers of node i by public key (from ``status --json``)."""
-        return {p["publicKey"]: p for p in self.status(i)["peerList"]}
+        """Node i's peers by public key, as wg(8) reports them (an oracle independent of the agent)."""
+        ns, ifname = self.c.nodes[i].ns, self.ifnames[i]
+
+        def show(what: str) -> list[list[str]]:
+            out = self.c.run(ns, "wg", "show", ifname, what).stdout
+            return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+        peers: dict[str, dict[str, Any]] = {}
+        for key, ts in show("latest-handshakes"):
+            peers[key] = {"publicKey": key, "latestHandshake": int(ts)}
+        for key, rx, tx in show("transfer"):
+            peers[key].update(rxBytes=int(rx), txBytes=int(tx))
+        for key, endpoint in show("endpoints"):
+            peers[key]["endpoint"] = endpoint
+        for key, allowed in show("allowed-ips"):
+            peers[key]["allowedIPs"] = sorted(allowed.split()) if allowed != "(none)" else []
+        return peers
+
+    def link_kind(self, i: int) -> str:
+        """'wireguard' (kernel) or 'tun' (wireguard-go), from ``ip -d link``."""
+        out = self.c.run(self.c.nodes[i].ns, "ip", "-d", "-o", "link", "show", self.ifnames[i]).stdout
+        return "wireguard" if " wireguard " in out else "tun" if " tun " in out else out
 
     def ping_all(self, count: int = 2, pattern: Optional[str] = None) -> list[tuple[str, str]]:
         """Ping every pod from every other pod; the (src, dst) pairs that failed."""
@@ -190,6 +229,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def session_problems(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]],
+                     keys: Optional[Sequence[str]] = None) -> list[str]:
+    """Why the peers' sessions in ``after`` are not the ones in ``before`` ([] if they are).
+
+    A peer that was removed and re-added starts again at zero bytes; a
+    session that was reset shows a new handshake. WireGuard re-handshakes by
+    itself once a session is two minutes old, so the handshake is only
+    compared for sessions younger than 90 s.
+    """
+    problems = []
+    for key in keys or list(before):
+        b, a = before[key], after.get(key)
+        if a is None:
+            problems.append(f"{key}: peer gone")
+            continue
+        if a["rxBytes"] < b["rxBytes"] or a["txBytes"] < b["txBytes"] or not b["rxBytes"]:
+            problems.append(f"{key}: counters reset ({b['rxBytes']}/{b['txBytes']} -> {a['rxBytes']}/{a['txBytes']})")
+        if time.time() - b["latestHandshake"] < 90 and a["latestHandshake"] != b["latestHandshake"]:
+            problems.append(f"{key}: handshake redone")
+    return problems
+
+
 def wireguard_only(summary: Any, node_ips: set[str]) -> list[str]:
     """Problems with an underlay capture that should hold only WireGuard between node IPs."""
     problems = []
@@ -203,4 +264,4 @@ def wireguard_only(summary: Any, node_ips: set[str]) -> list[str]:
     return problems
 
 
-__all__ = ["WgCluster", "wireguard_only", "classify", "REPO", "PORT"]
+__all__ = ["WgCluster", "session_problems", "wireguard_only", "classify", "REPO", "PORT", "TIMEOUT"]

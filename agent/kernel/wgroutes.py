@@ -100,7 +100,8 @@ class Routing:
         unicast = route.type == "unicast"
         msg["type"] = RTN_UNICAST if unicast else RTN_UNREACHABLE
         msg["scope"] = RT_SCOPE_LINK if unicast else RT_SCOPE_UNIVERSE
-        attrs: list[tuple[str, Any]] = [("RTA_TABLE", route.table), ("RTA_DST", str(route.dst.network_address))]
+        attrs: list[tuple[str, Any]] = [("RTA_TABLE", route.table), ("RTA_DST", str(route.dst.network_address)),
+                                        ("RTA_PRIORITY", route.metric)]
         if unicast and command == RTM_NEWROUTE:
             attrs.append(("RTA_OIF", ifindex))
             if route.src is not None:
@@ -156,7 +157,7 @@ def describe_rule(rule: Rule) -> str:
 
 def _describe(route: Route) -> str:
     src = f" src {route.src}" if route.src else ""
-    return f"{route.type} {route.dst} table {route.table}{src}"
+    return f"{route.type} {route.dst} table {route.table}{src} metric {route.metric}"
 
 
 def _route_of(msg: Any, table: int) -> Route | None:
@@ -164,12 +165,13 @@ def _route_of(msg: Any, table: int) -> Route | None:
     if dst is None:
         return None  # a default route is never ours
     net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}")
+    metric = msg.get_attr("RTA_PRIORITY") or 0
     if msg["type"] == RTN_UNREACHABLE:
-        return Route(net, table, "unreachable")
+        return Route(net, table, "unreachable", None, metric)
     if msg["type"] != RTN_UNICAST:
         return None
     src = msg.get_attr("RTA_PREFSRC")
-    return Route(net, table, "unicast", ipaddress.ip_address(src) if src else None)
+    return Route(net, table, "unicast", ipaddress.ip_address(src) if src else None, metric)
 
 
 def _oif(msg: rtmsg) -> int:
@@ -179,8 +181,8 @@ def _oif(msg: rtmsg) -> int:
     return 0
 
 
-def _order(route: Route) -> tuple[int, int, int, str]:
-    return (route.dst.version, int(route.dst.network_address), route.dst.prefixlen, route.type)
+def _order(route: Route) -> tuple[int, int, int, int]:
+    return (route.dst.version, int(route.dst.network_address), route.dst.prefixlen, route.metric)
 
 
 def _rule_order(rule: Rule) -> tuple[int, str, int]:

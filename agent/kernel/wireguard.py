@@ -48,6 +48,11 @@ from agent.model import KeyMaterial
 from agent.wgplan import DeviceState, PeerChange, PeerFailure, PeerState
 
 log = logging.getLogger(__name__)
+# pyroute2 logs every message it parses at DEBUG ("message %s"), and the
+# kernel's WG_CMD_GET_DEVICE reply carries the device's private key: never
+# let those lines through, whatever --log-level says.
+_pyroute2_log = logging.getLogger("pyroute2")
+_pyroute2_log.setLevel(max(_pyroute2_log.level, logging.INFO))
 
 NETLINK_CAP_ACK = 10  # error replies echo only the header: a refused request never carries the key back
 PEERS_PER_MESSAGE = 256  # ~30 KiB per message, far below the socket buffer

@@ -4,10 +4,11 @@ Named table cases (kilo's topology_test style). Properties asserted:
 - one peer per other node: endpoint = first node IP and the cluster port,
   allowed IPs = pod CIDRs (+ node IPs with nodeEncryption);
 - routes for those in our table via the interface, with the local node IP as
-  source only with nodeEncryption; rules: ``from <local podCIDR>`` without,
+  source only with nodeEncryption, and below each peer pod CIDR's route an
+  unreachable one (fail closed when the device goes away); rules: ``from <local podCIDR>`` without,
   ``not fwmark`` with nodeEncryption (and the device fwmark set);
 - missing, malformed, own and duplicate keys, and clashing CIDRs, reject the
-  peer with a log line naming the nodes; rejected peers' pod CIDRs become
+  peer with a log line naming the nodes; rejected peers' pod CIDRs are only
   unreachable (strict), never their node IPs, never our own CIDRs;
 - MTU = underlay - 80, with the IPv6/IPv4 minimums enforced;
 - the diff touches only peers that differ, and only the fields that differ.
@@ -25,7 +26,7 @@ import pytest
 from agent.errors import ConfigError
 from agent.model import Node
 from agent.wgplan import (
-    FWMARK, OVERHEAD, ROUTE_TABLE, RULE_PRIORITY, Peer, PeerChange, PeerState, Route, Rule, Settings,
+    FALLBACK_METRIC, FWMARK, OVERHEAD, ROUTE_METRIC, ROUTE_TABLE, RULE_PRIORITY, Peer, PeerChange, PeerState, Route, Rule, Settings,
     diff_peers, find_local, mtu_for, plan,
 )
 
@@ -52,8 +53,14 @@ def node(i: int, pubkey: Optional[str] = "auto", cidrs: Optional[list[str]] = No
 THREE = [node(1), node(2), node(3)]
 
 
-def route(dst: str, src: Optional[str] = None, kind: str = "unicast") -> Route:
-    return Route(net(dst), ROUTE_TABLE, kind, ip(src) if src else None)  # type: ignore[arg-type]
+def route(dst: str, src: Optional[str] = None) -> Route:
+    """A tunnel route (metric ROUTE_METRIC)."""
+    return Route(net(dst), ROUTE_TABLE, "unicast", ip(src) if src else None, ROUTE_METRIC)
+
+
+def fallback(*dsts: str) -> set[Route]:
+    """The fail-closed unreachable routes below the tunnel routes."""
+    return {Route(net(d), ROUTE_TABLE, "unreachable", None, FALLBACK_METRIC) for d in dsts}
 
 
 CASES: dict[str, dict[str, Any]] = {
@@ -61,7 +68,7 @@ CASES: dict[str, dict[str, Any]] = {
         nodes=THREE, settings=Settings(),
         peers=[Peer(key(2), (ip("172.18.0.3"), 51871), (net("10.244.2.0/24"),)),
                Peer(key(3), (ip("172.18.0.4"), 51871), (net("10.244.3.0/24"),))],
-        routes={route("10.244.2.0/24"), route("10.244.3.0/24")},
+        routes={route("10.244.2.0/24"), route("10.244.3.0/24")} | fallback("10.244.2.0/24", "10.244.3.0/24"),
         rules={Rule(4, RULE_PRIORITY, ROUTE_TABLE, src=net("10.244.1.0/24"))},
         fwmark=0, rejected=[],
     ),
@@ -70,21 +77,22 @@ CASES: dict[str, dict[str, Any]] = {
         peers=[Peer(key(2), (ip("172.18.0.3"), 51000), (net("10.244.2.0/24"), net("172.18.0.3/32"))),
                Peer(key(3), (ip("172.18.0.4"), 51000), (net("10.244.3.0/24"), net("172.18.0.4/32")))],
         routes={route("10.244.2.0/24", "172.18.0.2"), route("172.18.0.3/32", "172.18.0.2"),
-                route("10.244.3.0/24", "172.18.0.2"), route("172.18.0.4/32", "172.18.0.2")},
+                route("10.244.3.0/24", "172.18.0.2"), route("172.18.0.4/32", "172.18.0.2")}
+        | fallback("10.244.2.0/24", "10.244.3.0/24"),
         rules={Rule(4, RULE_PRIORITY, ROUTE_TABLE, not_fwmark=FWMARK)},
         fwmark=FWMARK, rejected=[],
     ),
     "missing key: rejected, its pods unreachable": dict(
         nodes=[node(1), node(2), node(3, pubkey=None)], settings=Settings(),
         peers=[Peer(key(2), (ip("172.18.0.3"), 51871), (net("10.244.2.0/24"),))],
-        routes={route("10.244.2.0/24"), route("10.244.3.0/24", kind="unreachable")},
+        routes={route("10.244.2.0/24")} | fallback("10.244.2.0/24", "10.244.3.0/24"),
         rules={Rule(4, RULE_PRIORITY, ROUTE_TABLE, src=net("10.244.1.0/24"))},
         fwmark=0, rejected=[("node-3", "wireguardPublicKey missing")],
     ),
     "malformed key": dict(
         nodes=[node(1), node(2, pubkey="not-a-key"), node(3)], settings=Settings(),
         peers=[Peer(key(3), (ip("172.18.0.4"), 51871), (net("10.244.3.0/24"),))],
-        routes={route("10.244.3.0/24"), route("10.244.2.0/24", kind="unreachable")},
+        routes={route("10.244.3.0/24")} | fallback("10.244.2.0/24", "10.244.3.0/24"),
         rules={Rule(4, RULE_PRIORITY, ROUTE_TABLE, src=net("10.244.1.0/24"))},
         fwmark=0, rejected=[("node-2", "'not-a-key' is not 44 characters")],
     ),
@@ -92,21 +100,21 @@ CASES: dict[str, dict[str, Any]] = {
         nodes=[node(1), node(2, pubkey=key(9)), node(3, pubkey=key(9)), node(4)],
         settings=Settings(node_encryption=True),
         peers=[Peer(key(4), (ip("172.18.0.5"), 51871), (net("10.244.4.0/24"), net("172.18.0.5/32")))],
-        routes={route("10.244.4.0/24", "172.18.0.2"), route("172.18.0.5/32", "172.18.0.2"),
-                route("10.244.2.0/24", kind="unreachable"), route("10.244.3.0/24", kind="unreachable")},
+        routes={route("10.244.4.0/24", "172.18.0.2"), route("172.18.0.5/32", "172.18.0.2")}
+        | fallback("10.244.2.0/24", "10.244.3.0/24", "10.244.4.0/24"),
         rules={Rule(4, RULE_PRIORITY, ROUTE_TABLE, not_fwmark=FWMARK)},
         fwmark=FWMARK,
         rejected=[("node-2", f"{key(9)} is also the key of node-3"), ("node-3", f"{key(9)} is also the key of node-2")],
     ),
     "peer with our own key": dict(
         nodes=[node(1), node(2, pubkey=OWN)], settings=Settings(),
-        peers=[], routes={route("10.244.2.0/24", kind="unreachable")},
+        peers=[], routes=fallback("10.244.2.0/24"),
         rules={Rule(4, RULE_PRIORITY, ROUTE_TABLE, src=net("10.244.1.0/24"))},
         fwmark=0, rejected=[("node-2", "is the local node node-1's own key")],
     ),
     "duplicate pod CIDR: both rejected and blocked": dict(
         nodes=[node(1), node(2, cidrs=["10.244.9.0/24"]), node(3, cidrs=["10.244.9.0/24"])], settings=Settings(),
-        peers=[], routes={route("10.244.9.0/24", kind="unreachable")},
+        peers=[], routes=fallback("10.244.9.0/24"),
         rules={Rule(4, RULE_PRIORITY, ROUTE_TABLE, src=net("10.244.1.0/24"))},
         fwmark=0,
         rejected=[("node-2", "10.244.9.0/24 is also claimed by node-3"), ("node-3", "also claimed by node-2")],
@@ -114,7 +122,7 @@ CASES: dict[str, dict[str, Any]] = {
     "pod CIDR overlapping ours: rejected, our pods not blocked": dict(
         nodes=[node(1), node(2, cidrs=["10.244.0.0/16"]), node(3)], settings=Settings(),
         peers=[Peer(key(3), (ip("172.18.0.4"), 51871), (net("10.244.3.0/24"),))],
-        routes={route("10.244.3.0/24")},
+        routes={route("10.244.3.0/24")} | fallback("10.244.3.0/24"),
         rules={Rule(4, RULE_PRIORITY, ROUTE_TABLE, src=net("10.244.1.0/24"))},
         fwmark=0, rejected=[("node-2", "10.244.0.0/16 overlaps the local node node-1's 10.244.1.0/24")],
     ),
@@ -123,7 +131,8 @@ CASES: dict[str, dict[str, Any]] = {
                node(2, cidrs=["fd00:10:244:2::/64"], ips=["fd00::3"])],
         settings=Settings(node_encryption=True),
         peers=[Peer(key(2), (ip("fd00::3"), 51871), (net("fd00::3/128"), net("fd00:10:244:2::/64")))],
-        routes={route("fd00:10:244:2::/64", "fd00::2"), route("fd00::3/128", "fd00::2")},
+        routes={route("fd00:10:244:2::/64", "fd00::2"), route("fd00::3/128", "fd00::2")}
+        | fallback("fd00:10:244:2::/64"),
         rules={Rule(6, RULE_PRIORITY, ROUTE_TABLE, not_fwmark=FWMARK)},
         fwmark=FWMARK, rejected=[],
     ),
@@ -132,7 +141,8 @@ CASES: dict[str, dict[str, Any]] = {
                node(2, cidrs=["10.244.2.0/24", "fd00:10:244:2::/64"])],
         settings=Settings(),
         peers=[Peer(key(2), (ip("172.18.0.3"), 51871), (net("10.244.2.0/24"), net("fd00:10:244:2::/64")))],
-        routes={route("10.244.2.0/24"), route("fd00:10:244:2::/64")},
+        routes={route("10.244.2.0/24"), route("fd00:10:244:2::/64")}
+        | fallback("10.244.2.0/24", "fd00:10:244:2::/64"),
         rules={Rule(4, RULE_PRIORITY, ROUTE_TABLE, src=net("10.244.1.0/24")),
                Rule(6, RULE_PRIORITY, ROUTE_TABLE, src=net("fd00:10:244:1::/64"))},
         fwmark=0, rejected=[],
@@ -205,8 +215,9 @@ P3 = Peer(key(3), (ip("172.18.0.4"), 51871), (net("10.244.3.0/24"),), "node-3")
 
 
 def state(peer: Peer, **over: Any) -> PeerState:
-    fields = dict(public_key=peer.public_key, endpoint=peer.endpoint, allowed_ips=frozenset(peer.allowed_ips),
-                  last_handshake=1234.5, rx_bytes=99, tx_bytes=77)
+    fields: dict[str, Any] = dict(public_key=peer.public_key, endpoint=peer.endpoint,
+                                  allowed_ips=frozenset(peer.allowed_ips),
+                                  last_handshake=1234.5, rx_bytes=99, tx_bytes=77)
     fields.update(over)
     return PeerState(**fields)
 
