@@ -3,7 +3,8 @@
 For each N the same objects are written into a new network namespace by
 
 - ``agent``: one process that opens an XFRM socket in the netns and calls
-  ``Xfrm.apply`` once (batched netlink, agent.kernel.xfrm);
+  ``Xfrm.apply`` once (batched netlink, agent.kernel.xfrm); and, to show
+  what batching buys, the same with ``batch_size=1`` (one request, one wait);
 - ``ip -batch``: one iproute2 process reading one command per object;
 - ``ip per object``: one ``ip xfrm ...`` process per object (a shell loop);
 
@@ -138,8 +139,9 @@ def measure(way: str, n: int, sas: bool, workdir: str) -> tuple[float, int, floa
     objs: list[Obj] = list(make_sas(n) if sas else make_policies(n))
     inner = 0.0
     with Netns() as netns:
-        if way == "agent":
-            wall, rss, out = run([sys.executable, __file__, "--child", netns, str(n)]
+        if way.startswith("agent"):
+            batch = "1" if way == "agent unbatched" else "128"
+            wall, rss, out = run([sys.executable, __file__, "--child", netns, str(n), batch]
                                  + (["--sas"] if sas else []))
             inner = json.loads(out)["apply_s"]
         elif way == "ip -batch":
@@ -158,12 +160,12 @@ def measure(way: str, n: int, sas: bool, workdir: str) -> tuple[float, int, floa
     return wall, rss, inner
 
 
-def child(netns: str, n: int, sas: bool) -> None:
+def child(netns: str, n: int, batch_size: int, sas: bool) -> None:
     """The agent side: what a node agent does to program n objects."""
     from agent.kernel.xfrm import Change, Verb, Xfrm
 
     objs: list[Obj] = list(make_sas(n) if sas else make_policies(n))
-    with Xfrm.open(netns=netns) as xfrm:
+    with Xfrm.open(netns=netns, batch_size=batch_size) as xfrm:
         start = time.perf_counter()
         failures = xfrm.apply(Change(Verb.ADD, o) for o in objs)
         elapsed = time.perf_counter() - start
@@ -179,15 +181,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs per cell (median)")
     parser.add_argument("--per-object-max", type=int, default=5000,
                         help="skip one-ip-per-object above this N")
-    parser.add_argument("--child", nargs=2, metavar=("NETNS", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("NETNS", "N", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child[0], int(args.child[1]), args.sas)
+        child(args.child[0], int(args.child[1]), int(args.child[2]), args.sas)
         return 0
 
     kind = "SAs" if args.sas else "policies"
-    print(f"# {kind} into a fresh netns; kernel {os.uname().release}; median of {args.repeat} "
-          f"(per-object: 1 run)", flush=True)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"# {kind} into a fresh netns; kernel {os.uname().release}; {os.cpu_count()} CPUs, "
+          f"load average {load}; median of {args.repeat} (unbatched and per-object: 1 run)",
+          flush=True)
 
     def rounds(n: int) -> tuple[tuple, tuple, float, float]:
         """Median of paired runs: each round runs N=0 and N for both tools
@@ -218,24 +222,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if n == 0:
                 agent0, ipb0 = agent, ipb
                 continue
+            single = measure("agent unbatched", n, args.sas, tmp)
             per = measure("per-object", n, args.sas, tmp) if n <= args.per_object_max else None
-            rows.append((n, agent, ipb, a_net, b_net, per))
+            rows.append((n, agent, ipb, a_net, b_net, single, per))
             print(f"  N={n} done", file=sys.stderr, flush=True)
 
     def ms(seconds: float) -> str:
         return f"{seconds * 1000:,.0f}"
 
-    print(f"\n| N {kind} | agent: total (beyond start; apply call) ms | ip -batch: total (beyond start) ms "
-          f"| one ip per object: total ms | agent / ip -batch, beyond start | per-object / agent: "
-          f"total, beyond start | peak RSS MiB: agent, ip -batch, ip |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| 0 (process start) | {ms(agent0[0])} | {ms(ipb0[0])} | – | – | – | "
+    print(f"\n| N {kind} | agent: total (beyond start; apply call) ms | agent unbatched: apply call ms "
+          f"| ip -batch: total (beyond start) ms | one ip per object: total ms "
+          f"| agent / ip -batch, beyond start | per-object / agent: total, beyond start "
+          f"| peak RSS MiB: agent, ip -batch, ip |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| 0 (process start) | {ms(agent0[0])} | – | {ms(ipb0[0])} | – | – | – | "
           f"{agent0[1] / 1024:.0f}, {ipb0[1] / 1024:.1f}, – |")
-    for n, agent, ipb, a_net, b_net, per in rows:
+    for n, agent, ipb, a_net, b_net, single, per in rows:
         per_txt = f"{ms(per[0])}" if per else "skipped"
         ratios = f"{per[0] / agent[0]:.0f}x, {per[0] / a_net:.0f}x" if per else "–"
         per_rss = f"{per[1] / 1024:.1f}" if per else "–"
-        print(f"| {n:,} | {ms(agent[0])} ({ms(a_net)}; {ms(agent[2])}) | {ms(ipb[0])} ({ms(b_net)}) | "
+        print(f"| {n:,} | {ms(agent[0])} ({ms(a_net)}; {ms(agent[2])}) | {ms(single[2])} | "
+              f"{ms(ipb[0])} ({ms(b_net)}) | "
               f"{per_txt} | {a_net / max(b_net, 1e-3):.1f}x | {ratios} | "
               f"{agent[1] / 1024:.0f}, {ipb[1] / 1024:.1f}, {per_rss} |")
     return 0

@@ -40,6 +40,8 @@ from typing import Any, Optional
 from pyroute2.netlink import nla, nlmsg, nlmsg_base
 
 _ADDR, _BE16, _BE32, _CSTR, _PLAIN, _STRUCT = range(6)
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLAHDR = struct.Struct("=HH")
 
 
 class Address16:
@@ -176,11 +178,13 @@ class CStruct(nlmsg_base):
 
     A struct ending in a flexible array member overrides ``payload`` and
     ``unpack_trailer``; ``array`` marks an attribute holding one or more
-    structs back to back (its value is a list).
+    structs back to back (its value is a list); ``value_of`` turns the
+    decoded dict into the attribute's value (e.g. a bare address).
     """
 
     fields: tuple = ()
     array = False
+    data: Any  # pyroute2's buffer (a slot of nlmsg_base)
 
     @classmethod
     def layout(cls) -> Layout:
@@ -197,8 +201,25 @@ class CStruct(nlmsg_base):
             return b"".join(cls.layout().pack(item) for item in value)
         return cls.layout().pack(value)
 
-    def unpack_trailer(self, raw: bytes) -> None:
-        """Decode the bytes after the fixed part (the flexible array)."""
+    @classmethod
+    def unpack_trailer(cls, value: dict, raw: bytes) -> None:
+        """Decode into ``value`` the bytes after the fixed part (the flexible array)."""
+
+    @classmethod
+    def value_of(cls, value: dict) -> Any:
+        return value
+
+    @classmethod
+    def unpack_payload(cls, data: Any, start: int, end: int, family: Optional[int]) -> Any:
+        """The attribute value of the payload ``data[start:end]``."""
+        lay = cls.layout()
+        if cls.array:
+            return [lay.unpack(data, at, family) for at in range(start, end - lay.size + 1, lay.size)]
+        if end - start < lay.size:
+            return bytes(data[start:end])  # short: not this struct, keep the bytes
+        value = lay.unpack(data, start, family)
+        cls.unpack_trailer(value, bytes(data[start + lay.size:end]))
+        return cls.value_of(value)
 
     def _outer_family(self) -> Optional[int]:
         parent = getattr(self, "parent", None)
@@ -224,7 +245,7 @@ class CStruct(nlmsg_base):
             return
         else:
             self.update(lay.unpack(self.data, offset, family))
-            self.unpack_trailer(bytes(self.data[offset + lay.size:end]))
+            self.unpack_trailer(self, bytes(self.data[offset + lay.size:end]))
             offset += (lay.size + 3) & ~3
         if self.nla_map:
             self.decode_nlas(offset)
@@ -243,13 +264,54 @@ class StructMsg(CStruct, nlmsg):
     """
 
     @classmethod
-    def nla_index(cls) -> dict[str, tuple[int, Any]]:
+    def nla_index(cls) -> dict[Any, tuple[Any, Any]]:
+        """name -> (type, class) and type -> (name, class), from ``nla_map``."""
         index = cls.__dict__.get("_nla_index")
         if index is None:
-            index = {name: (nla_type, getattr(cls, clsname))
-                     for nla_type, (name, clsname) in enumerate(cls.nla_map)}
+            index = {}
+            for nla_type, (name, clsname) in enumerate(cls.nla_map):
+                index[name] = (nla_type, getattr(cls, clsname))
+                index[nla_type] = (name, getattr(cls, clsname))
             setattr(cls, "_nla_index", index)
         return index
+
+    def decode(self) -> None:
+        """Decode in one pass, as ``encode``; ``attrs`` become (name, value)
+        pairs, the form pyroute2 accepts for encoding and reads with
+        ``get_attr``. Attributes that are not structs decode through pyroute2."""
+        index = self.nla_index()
+        data: Any = self.data
+        start: int = self.offset
+        self.length, mtype, flags, seq, pid = _NLMSGHDR.unpack_from(data, start)
+        self["header"] = {"length": self.length, "type": mtype, "flags": flags,
+                          "sequence_number": seq, "pid": pid}
+        end = min(start + self.length, len(data))
+        lay = self.layout()
+        offset = start + 16
+        attrs: list = []
+        self["attrs"] = attrs
+        self.decoded = True
+        if end - offset < lay.size:  # an error's capped echo: a bare header
+            return
+        self.update(lay.unpack(data, offset, None))
+        family = dict.get(self, "family")
+        offset += (lay.size + 3) & ~3
+        while offset + 4 <= end:
+            alen, atype = _NLAHDR.unpack_from(data, offset)
+            if alen < 4:
+                break
+            name, cls = index.get(atype & 0x3FFF, ("UNKNOWN", None))
+            stop = min(offset + alen, end)
+            if cls is not None and issubclass(cls, CStruct):
+                value = cls.unpack_payload(data, offset + 4, stop, family)
+            elif cls is not None:
+                atom = cls(data, offset=offset, length=stop - offset, parent=self)
+                atom.decode()
+                value = atom.getvalue()
+            else:
+                value = bytes(data[offset + 4:stop])
+            attrs.append((name, value))
+            offset += (alen + 3) & ~3
 
     def encode(self) -> None:
         """Encode in one pass; the bytes equal pyroute2's generic encoder's.

@@ -156,9 +156,10 @@ class xfrm_replay_state_esn(StructNla):
         bmp = dict.get(value, "bmp") or ()
         return cls.layout().pack(value) + struct.pack(f"={len(bmp)}I", *bmp)
 
-    def unpack_trailer(self, raw: bytes) -> None:
-        words = min(self["bmp_len"], len(raw) // 4)
-        self["bmp"] = struct.unpack_from(f"={words}I", raw)
+    @classmethod
+    def unpack_trailer(cls, value: dict, raw: bytes) -> None:
+        words = min(value["bmp_len"], len(raw) // 4)
+        value["bmp"] = struct.unpack_from(f"={words}I", raw)
 
 
 class _algo(StructNla):
@@ -171,8 +172,9 @@ class _algo(StructNla):
             value = {**value, "alg_key_len": len(key) * 8}
         return cls.layout().pack(value) + key
 
-    def unpack_trailer(self, raw: bytes) -> None:
-        self["alg_key"] = KeyMaterial(raw[: (self["alg_key_len"] + 7) // 8])
+    @classmethod
+    def unpack_trailer(cls, value: dict, raw: bytes) -> None:
+        value["alg_key"] = KeyMaterial(raw[: (value["alg_key_len"] + 7) // 8])
 
 
 class xfrm_algo(_algo):
@@ -234,6 +236,10 @@ class xfrm_address(StructNla):
     @classmethod
     def payload(cls, value: Any) -> bytes:
         return xfrm_address_t.pack(value)  # the value is the address itself
+
+    @classmethod
+    def value_of(cls, value: dict) -> Any:
+        return value["addr"]
 
     def decode(self) -> None:
         super().decode()
