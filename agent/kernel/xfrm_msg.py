@@ -112,6 +112,7 @@ LIFETIME_INFINITE = {
     "soft_packet_limit": XFRM_INF, "hard_packet_limit": XFRM_INF,
 }
 
+
 class xfrm_address_t(Address16):
     """``typedef union { __be32 a4; __be32 a6[4]; struct in6_addr in6; } xfrm_address_t``."""
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
+import re
 import socket
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -315,6 +317,19 @@ KERNEL_SIZEOF = {
 @pytest.mark.parametrize("cls", KERNEL_SIZEOF, ids=lambda c: c.__name__)
 def test_struct_layout_has_the_kernels_size(cls) -> None:
     assert cls.layout().size == KERNEL_SIZEOF[cls]
+
+
+UAPI = Path("/usr/include/linux/xfrm.h")
+
+
+@pytest.mark.skipif(not UAPI.exists(), reason="linux/xfrm.h not installed (Debian: linux-libc-dev)")
+def test_constants_follow_the_uapi_header() -> None:
+    header = UAPI.read_text()
+    attrs = re.search(r"enum xfrm_attr_type_t \{(.*?)__XFRMA_MAX", header, re.S).group(1)
+    assert tuple(re.findall(r"^\s*(XFRMA_\w+)", attrs, re.M)) == xm.XFRMA_NAMES
+    msgs = re.search(r"XFRM_MSG_BASE = 0x10,(.*?)__XFRM_MSG_MAX", header, re.S).group(1)
+    names = re.findall(r"^\s*(XFRM_MSG_\w+)", msgs, re.M)
+    assert [getattr(xm, n) for n in names] == list(range(0x10, 0x10 + len(names)))
 
 
 def test_kernel_policy_dump_decodes_to_fields_and_model() -> None:
