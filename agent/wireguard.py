@@ -27,17 +27,18 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
-
-from pyroute2 import IPRoute
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from agent import nodesfile, wgkeys
 from agent.errors import ConfigError, KernelError
-from agent.kernel.wgroutes import Routing, describe_rule
-from agent.kernel.wguapi import UserspaceBackend
-from agent.kernel.wireguard import Backend, KernelBackend, detect, open_backend
 from agent.model import KeyMaterial, Node
 from agent.wgplan import InterfaceConfig, PeerFailure, Settings, diff_peers, find_local, plan
+
+if TYPE_CHECKING:
+    from agent.kernel.wireguard import Backend
+
+# The kernel edge (pyroute2, a large package) is imported where it is used:
+# `pubkey` needs none of it, and in the lab VM every import is slow.
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ def apply(local_name: str, nodes: Sequence[Node], settings: Settings, state_dir:
     if local.wireguard_public_key is not None and local.wireguard_public_key != pair.public_key:
         log.warning("wireguard node=%s advertises public_key=%s but its key is %s: peers reach it only "
                     "once they have the new key", local.name, local.wireguard_public_key, pair.public_key)
+    from pyroute2 import IPRoute
+
+    from agent.kernel.wireguard import open_backend
+
     with IPRoute() as ipr:
         settings = replace(settings, underlay_mtu=underlay_mtu(ipr, local))
         config = plan(local, nodes, pair.public_key, settings)
@@ -98,9 +103,11 @@ def apply(local_name: str, nodes: Sequence[Node], settings: Settings, state_dir:
     return report
 
 
-def reconcile(config: InterfaceConfig, private: KeyMaterial, dev: Backend, ipr: Any,
+def reconcile(config: InterfaceConfig, private: KeyMaterial, dev: "Backend", ipr: Any,
               created: bool = False) -> Report:
     """Make the device, its link, routes and rules match ``config``; minimal changes only."""
+    from agent.kernel.wgroutes import Routing, describe_rule
+
     report = Report(config.interface, dev.name, created, config.public_key, peers=len(config.peers),
                     rejected=[f"{r.node}: {r.reason}" for r in config.rejected])
     index = ipr.link_lookup(ifname=config.interface)
@@ -194,11 +201,16 @@ def _check_rp_filter(ipr: Any, local: Node) -> None:
 
 def status(interface: str) -> dict[str, Any]:
     """The interface's state as data (no private key); ``present`` False when it does not exist."""
+    from pyroute2 import IPRoute
+
+    from agent.kernel.wguapi import UserspaceBackend
+    from agent.kernel.wireguard import KernelBackend, detect
+
     with IPRoute() as ipr:
         kind = detect(ipr, interface)
         if kind is None:
             return {"encryption": "WireGuard", "interface": interface, "present": False}
-        dev: Backend = KernelBackend(interface) if kind == "kernel" else UserspaceBackend(interface)
+        dev: "Backend" = KernelBackend(interface) if kind == "kernel" else UserspaceBackend(interface)
         try:
             state = dev.read()
         finally:
