@@ -20,6 +20,8 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ipaddress
 import os
 import signal
@@ -47,9 +49,11 @@ class Capture:
         self.ns, self.dev, self.bpf = ns, dev, bpf
         # In the lab, captures land in the run's results directory and come
         # back to the host with the JUnit report (lab-results/latest/).
-        directory = directory or os.environ.get("SEALNET_LAB_RESULTS")
-        fd, self.path = tempfile.mkstemp(suffix=".pcap", prefix=f"{ns}-{dev}-", dir=directory)
+        keep = directory or os.environ.get("SEALNET_LAB_RESULTS")
+        fd, self.path = tempfile.mkstemp(suffix=".pcap", prefix=f"{ns}-{dev}-", dir=keep)
         os.close(fd)
+        if not keep:  # a scratch capture: gone when the test process ends
+            atexit.register(_remove, self.path)
         self._proc: Optional[subprocess.Popen[bytes]] = None
 
     def __enter__(self) -> "Capture":
@@ -84,6 +88,11 @@ class Capture:
 
     def packets(self) -> list[ScapyPacket]:
         return list(rdpcap(self.path))
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 @dataclass(frozen=True)
