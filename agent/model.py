@@ -220,7 +220,8 @@ class Ownership:
     priority lies in ``priority_min..priority_max`` (inclusive) and every
     template carries our reqid; block policies have no template, so the band
     alone marks them. XFRM picks the matching policy with the *lowest*
-    priority value; the default band 10000..10999 sits below (so wins over)
+    priority value; the default band 10000..10099 (agent.plan's, where the
+    priorities inside it are assigned) sits below (so wins over)
     what IKE daemons install (strongSwan and libreswan use six- and
     seven-digit priorities) while leaving 0..9999 to an administrator.
     Kernel dumps return every object; filtering with these rules is the
@@ -230,7 +231,7 @@ class Ownership:
     reqid: int = 0x5EA1
     spi_prefix: int = 0x5
     priority_min: int = 10000
-    priority_max: int = 10999
+    priority_max: int = 10099
 
     def owns_sa(self, sa: SA) -> bool:
         return sa.reqid == self.reqid and sa.spi >> 28 == self.spi_prefix
