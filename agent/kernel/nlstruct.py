@@ -176,6 +176,9 @@ class Layout:
 class CStruct(nlmsg_base):
     """Mixin in front of a pyroute2 class: ``fields`` are one C struct.
 
+    ``ft_encode``/``ft_decode`` are pyroute2's per-class codec hooks, so a
+    struct attribute also works inside messages pyroute2 encodes itself.
+
     A struct ending in a flexible array member overrides ``payload`` and
     ``unpack_trailer``; ``array`` marks an attribute holding one or more
     structs back to back (its value is a list); ``value_of`` turns the
@@ -235,22 +238,15 @@ class CStruct(nlmsg_base):
         return offset + len(raw) + diff, diff
 
     def ft_decode(self, offset: int) -> None:
-        lay = self.layout()
+        # pyroute2's generic path (a struct attribute inside another class's
+        # message); StructMsg.decode below does not come through here
         end = min(self.offset + self.length, len(self.data))
-        family = self._outer_family()
-        if self.array:
-            count = (end - offset) // lay.size
-            self.value = [lay.unpack(self.data, offset + i * lay.size, family) for i in range(count)]
-        elif end - offset < lay.size:  # an error's capped echo: a bare header
-            return
+        value = self.unpack_payload(self.data, offset, end, self._outer_family())
+        if isinstance(value, dict):
+            self.update(value)
         else:
-            self.update(lay.unpack(self.data, offset, family))
-            self.unpack_trailer(self, bytes(self.data[offset + lay.size:end]))
-            offset += (lay.size + 3) & ~3
-        if self.nla_map:
-            self.decode_nlas(offset)
-        else:
-            del self["attrs"]
+            self.value = value
+        del self["attrs"]
 
 
 class StructNla(CStruct, nla):

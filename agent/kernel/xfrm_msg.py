@@ -242,10 +242,6 @@ class xfrm_address(StructNla):
     def value_of(cls, value: dict) -> Any:
         return value["addr"]
 
-    def decode(self) -> None:
-        super().decode()
-        self.value = self["addr"]
-
 
 _USERSA_INFO = (
     ("sel", xfrm_selector), ("id", xfrm_id), ("saddr", xfrm_address_t),

@@ -390,6 +390,35 @@ def test_iproute2_sa_request_decodes_to_the_model(golden: bytes, expected: SA) -
     assert sa_from_msg(msg) == expected
 
 
+def test_struct_attributes_work_in_pyroute2s_own_codec_too() -> None:
+    """A struct attribute inside a message pyroute2 encodes and decodes itself."""
+    from pyroute2.netlink import nlmsg
+
+    class carrier(nlmsg):
+        fields = (("family", "H"), ("__pad", "2x"))
+        nla_map = (("UNSPEC", "none"), ("TMPL", "xfrm_user_tmpl"), ("ALGO", "xfrm_algo_aead"),
+                   ("ADDR", "xfrm_address"))
+        xfrm_user_tmpl, xfrm_algo_aead, xfrm_address = (
+            xm.xfrm_user_tmpl, xm.xfrm_algo_aead, xm.xfrm_address)
+
+    tmpl = {"id": {"daddr": addr("172.18.0.3"), "spi": 0x51200033, "proto": xm.IPPROTO_ESP},
+            "family": socket.AF_INET, "saddr": addr("172.18.0.2"), "reqid": REQID,
+            "mode": xm.XFRM_MODE_TUNNEL, "share": 0, "optional": 0,
+            "aalgos": 0, "ealgos": 0, "calgos": 0}
+    msg = carrier()
+    msg["family"] = socket.AF_INET
+    msg["attrs"] = [("TMPL", [tmpl, tmpl]), ("ALGO", {"alg_name": GCM, "alg_key": K20, "alg_icv_len": 128}),
+                    ("ADDR", addr("10.1.2.3"))]
+    msg.encode()
+    back = carrier(bytes(msg.data))
+    back.decode()
+    assert back.get_attr("TMPL") == [tmpl, tmpl]
+    algo = back.get_attr("ALGO")
+    assert (algo["alg_name"], algo["alg_key_len"], algo["alg_icv_len"]) == (GCM, 160, 128)
+    assert bytes(algo["alg_key"]) == bytes(K20)
+    assert back.get_attr("ADDR") == addr("10.1.2.3")
+
+
 def test_decoded_keys_stay_redacted() -> None:
     msg = xm.xfrm_usersa_info(NEWSA_CBC_HMAC)
     msg.decode()
