@@ -11,9 +11,9 @@ For each N the same objects are written into a new network namespace by
 plus each tool's process-start baseline (N = 0: the agent's interpreter,
 imports and socket; ``ip -batch`` of an empty file). Wall time is the median
 of ``--repeat`` rounds (the per-object way runs once). "Beyond start" is,
-for the agent, its own time after the imports (building the objects,
-opening the socket, the apply call); for ``ip -batch``, the paired
-difference N minus 0 within a round. Peak RSS comes
+for the agent, its own time once imported and connected (building the
+objects, the apply call); for ``ip -batch``, the paired difference N minus
+0 within a round. Peak RSS comes
 from wait4(). A warm-up run of each cell is discarded. Every run is checked: the netns must hold exactly N objects.
 
     sudo .venv/bin/python bench/xfrm_policies.py                 # policies, host
@@ -167,9 +167,11 @@ def child(netns: str, n: int, batch_size: int, sas: bool) -> None:
     """The agent side: what a node agent does to program n objects."""
     from agent.kernel.xfrm import Change, Verb, Xfrm
 
-    begin = time.perf_counter()  # process start ends here: interpreter, pyroute2 imported
-    objs: list[Obj] = list(make_sas(n) if sas else make_policies(n))
     with Xfrm.open(netns=netns, batch_size=batch_size) as xfrm:
+        # process start ends here (interpreter, pyroute2 imported, socket open
+        # in the netns), as ip's own start and netns switch are its N=0 run
+        begin = time.perf_counter()
+        objs: list[Obj] = list(make_sas(n) if sas else make_policies(n))
         start = time.perf_counter()
         failures = xfrm.apply(Change(Verb.ADD, o) for o in objs)
         elapsed = time.perf_counter() - start
@@ -198,10 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           flush=True)
 
     def rounds(n: int) -> tuple[tuple, tuple, float, float]:
-        """Medians over rounds. Beyond start: the agent times itself from the
-        end of its imports (interpreter and pyroute2 start vary by tens of
-        ms from run to run, more than the work); ip's start is ~2 ms, so its
-        N=0 run is subtracted, paired within the round."""
+        """Medians over rounds. Beyond start: the agent times itself once
+        imported and connected (interpreter and pyroute2 start vary by tens
+        of ms from run to run, more than the work); ip's start is ~2 ms, so
+        its N=0 run is subtracted, paired within the round."""
         for way in ("agent", "ip -batch"):  # warm-up (page cache, bytecode), not counted
             measure(way, n, args.sas, tmp)
         runs: dict[str, list] = {"a": [], "b0": [], "b": []}
