@@ -229,7 +229,7 @@ def plan(local: Node, nodes: Sequence[Node], own_public_key: str, settings: Sett
         if len(names) > 1:
             for name in names:
                 others = ", ".join(n for n in names if n != name)
-                reject(name, f"wireguardPublicKey {key} is also the key of {others}; no node with it is configured")
+                reject(name, f"wireguardPublicKey {key} is also the key of {others}")
 
     enc = settings.node_encryption
     allowed_of: dict[str, tuple[IPNetwork, ...]] = {}
