@@ -127,6 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # pyroute2 logs every parsed netlink message at DEBUG, and kernel replies
+    # carry keys (WireGuard private keys, XFRM SA keys): never let it.
+    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.getLogger("pyroute2").level))
     try:
         return _handler(args.mode, args.command)(args)
     except ConfigError as e:

@@ -112,7 +112,7 @@ echo $? > {results}/rc
 """
 
 
-def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 1800) -> LabRun:
+def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 3600) -> LabRun:
     vng = check_tools()
     kernel = find_kernel()
     results = RESULTS_ROOT / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
