@@ -32,9 +32,9 @@ def _handler(mode: str, command: str) -> Handler:
     # Imported lazily: `pubkey` must not pay for the XFRM codec, and each
     # datapath module owns its own commands.
     if mode == "ipsec":
-        from agent import ipsec as datapath
+        from agent.ipsec import datapath
     else:
-        from agent import wireguard as datapath
+        from agent.wireguard import datapath
     fn: Handler = getattr(datapath, f"cmd_{command}")
     return fn
 

@@ -220,7 +220,7 @@ class Ownership:
     priority lies in ``priority_min..priority_max`` (inclusive) and every
     template carries our reqid; block policies have no template, so the band
     alone marks them. XFRM picks the matching policy with the *lowest*
-    priority value; the default band 10000..10099 (agent.plan's, where the
+    priority value; the default band 10000..10099 (agent.ipsec.plan's, where the
     priorities inside it are assigned) sits below (so wins over)
     what IKE daemons install (strongSwan and libreswan use six- and
     seven-digit priorities) while leaving 0..9999 to an administrator.

@@ -45,7 +45,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent import wgkeys  # noqa: E402  (after the path fix, for `python bench/...`)
+from agent.wireguard import keys as wgkeys  # noqa: E402  (after the path fix, for `python bench/...`)
 from agent.model import KeyMaterial, Node  # noqa: E402
 
 PORT = 51871
@@ -75,8 +75,8 @@ def worker(spec_path: str, interface: str, backend: str, key_file: str, verify: 
 
     from agent import nodesfile
     from agent.kernel.wireguard import open_backend
-    from agent.wgplan import Settings, plan
-    from agent.wireguard import reconcile
+    from agent.wireguard.plan import Settings, plan
+    from agent.wireguard.datapath import reconcile
 
     start = time.perf_counter()
     nodes = nodesfile.parse(json.loads(Path(spec_path).read_text()))

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzz target for the keys-file parser (agent.keys), on atheris.
+"""Coverage-guided fuzz target for the keys-file parser (agent.ipsec.keys), on atheris.
 
     .venv/bin/python fuzz/fuzz_keys.py -runs=100000            # N inputs, then exit 0
     .venv/bin/python fuzz/fuzz_keys.py -max_total_time=600 DIR  # 10 minutes, corpus in DIR
@@ -28,7 +28,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports():
-    from agent import keys
+    from agent.ipsec import keys
     from agent.errors import ConfigError
 
 _HEXLIKE = re.compile(r"(0x)?[0-9a-fA-F]{8,}")

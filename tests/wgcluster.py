@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from agent.kernel.wguapi import daemon_pids
-from agent.wgkeys import KEY_FILE
+from agent.wireguard.keys import KEY_FILE
 from lab.capture import Capture, classify
 from lab.topology import Cluster
 

@@ -1,6 +1,6 @@
 """Routes and policy rules of the WireGuard datapath, as wgplan objects.
 
-Reads and writes :class:`agent.wgplan.Route` and :class:`agent.wgplan.Rule`
+Reads and writes :class:`agent.wireguard.plan.Route` and :class:`agent.wireguard.plan.Rule`
 through pyroute2's IPRoute. Ours are told apart by table and protocol
 (``RTPROT_SEALNET`` on routes, FRA_PROTOCOL on rules): nothing else in the
 table or the rule list is read as ours, changed or removed::
@@ -29,7 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_DELROUTE, RTM_NEWROUTE
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from agent.wgplan import RTPROT_SEALNET, Route, Rule
+from agent.wireguard.plan import RTPROT_SEALNET, Route, Rule
 
 log = logging.getLogger(__name__)
 

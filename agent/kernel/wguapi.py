@@ -28,8 +28,8 @@ from typing import Any, Optional, Sequence
 
 from agent.errors import ConfigError, KernelError
 from agent.model import KeyMaterial
-from agent.wgkeys import public_key_of
-from agent.wgplan import DeviceState, Endpoint, PeerChange, PeerFailure, PeerState
+from agent.wireguard.keys import public_key_of
+from agent.wireguard.plan import DeviceState, Endpoint, PeerChange, PeerFailure, PeerState
 
 log = logging.getLogger(__name__)
 

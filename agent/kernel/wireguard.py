@@ -45,7 +45,7 @@ from pyroute2.netlink.generic.wireguard import (
 from agent.errors import ConfigError, KernelError
 from agent.kernel.wguapi import UserspaceBackend, socket_path, spawn_wireguard_go
 from agent.model import KeyMaterial
-from agent.wgplan import DeviceState, PeerChange, PeerFailure, PeerState
+from agent.wireguard.plan import DeviceState, PeerChange, PeerFailure, PeerState
 
 log = logging.getLogger(__name__)
 # pyroute2 logs every message it parses at DEBUG ("message %s"), and the

@@ -1,4 +1,4 @@
-"""agent.derive: per-node-pair keys, byte for byte as Cilium computes them.
+"""agent.ipsec.derive: per-node-pair keys, byte for byte as Cilium computes them.
 
 Properties asserted:
 - known answers, computed here from the layout Cilium documents and codes
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import derive, keys
+from agent.ipsec import derive, keys
 from agent.errors import ConfigError
 from agent.model import AeadAlgorithm, CipherAuthAlgorithm, IPAddress, KeyMaterial
 

@@ -1,4 +1,4 @@
-"""agent.diff: minimal, ordered, idempotent changes that never touch foreign state.
+"""agent.ipsec.diff: minimal, ordered, idempotent changes that never touch foreign state.
 
 Properties asserted:
 - only owned objects (our reqid + SPI prefix; our priority band + reqid)
@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import diff, keys, plan
+from agent.ipsec import diff, keys, plan
 from agent.model import SA, Action, AeadAlgorithm, Direction, KeyMaterial, Node, Policy, Template
 
 ip = ipaddress.ip_address
@@ -263,7 +263,7 @@ def test_every_non_identity_field_counts_as_a_change(cls: type) -> None:
     for field in fields(cls):
         if field.name in identity:
             continue
-        assert field.name in changed_values, f"new field {cls.__name__}.{field.name}: teach agent.diff about it"
+        assert field.name in changed_values, f"new field {cls.__name__}.{field.name}: teach agent.ipsec.diff about it"
         other = replace(base, **{field.name: changed_values[field.name]})
         if other == base:
             other = replace(base, **{field.name: 0x5EA2})

@@ -1,4 +1,4 @@
-"""agent.keys: the keys-file grammar Cilium accepts, and its error messages.
+"""agent.ipsec.keys: the keys-file grammar Cilium accepts, and its error messages.
 
 Properties asserted:
 - every form Cilium's LoadIPSecKeys accepts (its own test fixtures included)
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import keys
+from agent.ipsec import keys
 from agent.errors import ConfigError
 from agent.model import AeadAlgorithm, CipherAuthAlgorithm, KeyMaterial
 

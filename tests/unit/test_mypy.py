@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-STRICT = ["agent/model.py", "agent/keys.py", "agent/derive.py", "agent/plan.py", "agent/diff.py"]
+STRICT = ["agent/model.py", "agent/ipsec/keys.py", "agent/ipsec/derive.py", "agent/ipsec/plan.py", "agent/ipsec/diff.py"]
 
 
 def test_pure_core_is_mypy_strict_clean(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""agent.plan: the desired XFRM state of one node, as shared/DESIGN.md lays it out.
+"""agent.ipsec.plan: the desired XFRM state of one node, as shared/DESIGN.md lays it out.
 
 Properties asserted:
 - per peer: out policy pinning the local SPI of the egress key, in and fwd
@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import derive, keys, plan
+from agent.ipsec import derive, keys, plan
 from agent.errors import ConfigError
 from agent.model import SA, Action, Direction, Node, Policy, Template
 

@@ -1,4 +1,4 @@
-"""The node's WireGuard key pair in the state dir (agent.wgkeys).
+"""The node's WireGuard key pair in the state dir (agent.wireguard.keys).
 
 Properties asserted:
 - the public key is X25519 of the private key, base64 as ``wg pubkey``
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import wgkeys
+from agent.wireguard import keys as wgkeys
 from agent.errors import ConfigError, KernelError
-from agent.wgkeys import KEY_FILE, check_public_key, load_or_create, public_key_of
+from agent.wireguard.keys import KEY_FILE, check_public_key, load_or_create, public_key_of
 
 # RFC 7748 section 6.1, Alice's key pair.
 RFC_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")

@@ -1,4 +1,4 @@
-"""The WireGuard planner (agent.wgplan): node list -> interface config, and the peer diff.
+"""The WireGuard planner (agent.wireguard.plan): node list -> interface config, and the peer diff.
 
 Named table cases (kilo's topology_test style). Properties asserted:
 - one peer per other node: endpoint = first node IP and the cluster port,
@@ -25,7 +25,7 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.model import Node
-from agent.wgplan import (
+from agent.wireguard.plan import (
     FALLBACK_METRIC, FWMARK, OVERHEAD, ROUTE_METRIC, ROUTE_TABLE, RULE_PRIORITY, Peer, PeerChange, PeerState, Route, Rule, Settings,
     diff_peers, find_local, mtu_for, plan,
 )

@@ -15,8 +15,8 @@ import base64
 import ipaddress
 
 from agent.kernel.wguapi import format_endpoint, parse_endpoint, parse_get, uapi_peer
-from agent.wgkeys import public_key_of
-from agent.wgplan import PeerChange
+from agent.wireguard.keys import public_key_of
+from agent.wireguard.plan import PeerChange
 
 PRIVATE = bytes(range(1, 33))
 PEER = bytes([0x11]) * 32

@@ -1,11 +1,11 @@
 """The IPsec datapath, end to end: parse -> derive -> plan -> diff -> apply.
 
-This module is the only one that joins the pure core (agent.keys,
-agent.plan, agent.diff) to the kernel (agent.kernel.xfrm). The one-shot
+This module is the only one that joins the pure core (agent.ipsec.keys,
+agent.ipsec.plan, agent.ipsec.diff) to the kernel (agent.kernel.xfrm). The one-shot
 static mode (``python -m agent apply``) and the daemon run the same
 :func:`reconcile`; the CLI's ``cmd_*`` functions are thin wrappers.
 
-    keys = agent.keys.load("/etc/sealnet/keys/keys")
+    keys = agent.ipsec.keys.load("/etc/sealnet/keys/keys")
     with Xfrm.open() as xfrm:
         result = reconcile(xfrm, local, nodes, keys, PlanConfig())
     result.failures        # kernel refusals, each naming its object
@@ -26,14 +26,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from agent import keys as keyfile
+from agent.ipsec import keys as keyfile
 from agent import nodesfile
-from agent.diff import ChangeSet, Step, diff, owns_policy, owns_sa
+from agent.ipsec.diff import ChangeSet, Step, diff, owns_policy, owns_sa
 from agent.errors import ConfigError, KernelError
 from agent.kernel.xfrm import Change, Failure, Verb, Xfrm
-from agent.keys import KeySet
+from agent.ipsec.keys import KeySet
 from agent.model import Action, Direction, Node
-from agent.plan import DesiredState, PlanConfig, plan
+from agent.ipsec.plan import DesiredState, PlanConfig, plan
 
 log = logging.getLogger("sealnet.ipsec")
 

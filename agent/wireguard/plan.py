@@ -51,7 +51,7 @@ from typing import Literal, Mapping, Optional, Sequence
 
 from agent.errors import ConfigError
 from agent.model import IPAddress, IPNetwork, Node
-from agent.wgkeys import check_public_key
+from agent.wireguard.keys import check_public_key
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ line is one key; the previous key comes first and the current one last::
 
 for example ``3+ rfc4106(gcm(aes)) 0x41049390e1e2b5d6543901daab6435f4042155fe 128``.
 ``<spi>`` is the key ID, 1..15; a trailing ``+`` asks for per-node-pair keys
-derived from this one (see agent.derive). Usage::
+derived from this one (see agent.ipsec.derive). Usage::
 
-    from agent import keys
+    from agent.ipsec import keys
     ks = keys.load("/etc/sealnet/keys/keys")   # or keys.parse(text)
     ks.current.spi, ks.current.per_node        # the key to send with
     ks.get(3)                                  # a key by its ID, or None
@@ -248,7 +248,7 @@ def _parse_line(number: int, line: str) -> IpsecKey:
     else:
         key = IpsecKey(spi, per_node, _pair(number, fields[1:]))
     if per_node:
-        # Derived keys are a truncated SHA-512 digest at most (agent.derive).
+        # Derived keys are a truncated SHA-512 digest at most (agent.ipsec.derive).
         for field, length in _key_lengths(key.algorithm):
             if length > MAX_PER_NODE_KEY_BYTES:
                 raise ConfigError(

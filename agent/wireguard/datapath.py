@@ -29,10 +29,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from agent import nodesfile, wgkeys
+from agent import nodesfile
+from agent.wireguard import keys as wgkeys
 from agent.errors import ConfigError, KernelError
 from agent.model import KeyMaterial, Node
-from agent.wgplan import InterfaceConfig, PeerFailure, Settings, diff_peers, find_local, plan
+from agent.wireguard.plan import InterfaceConfig, PeerFailure, Settings, diff_peers, find_local, plan
 
 if TYPE_CHECKING:
     from agent.kernel.wireguard import Backend

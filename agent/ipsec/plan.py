@@ -2,9 +2,9 @@
 
 A pure function; it never touches the kernel (and never imports pyroute2).
 Its output is frozen and hashable, so the reconciler's work is set
-arithmetic (agent.diff). Usage::
+arithmetic (agent.ipsec.diff). Usage::
 
-    from agent import keys, plan
+    from agent.ipsec import keys, plan
     desired = plan.plan(local, nodes, keys.load(path), plan.PlanConfig(node_encryption=True))
     desired.sas, desired.policies        # what the kernel should hold
     desired.blocked, desired.collisions  # peers that cannot be served, and why
@@ -62,14 +62,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from agent import derive
+from agent.ipsec import derive
 from agent.errors import ConfigError
-from agent.keys import KeySet
+from agent.ipsec.keys import KeySet
 from agent.model import SA, Action, Direction, IPAddress, IPNetwork, Node, Ownership, Policy, Template
 
 #: The priority band of our policies (lower value = preferred by the
 #: kernel). Any policy in it without templates, or whose templates all carry
-#: our reqid, is ours (agent.diff).
+#: our reqid, is ours (agent.ipsec.diff).
 OWNED_PRIORITIES = range(10000, 10100)
 #: Block policies win over every allow policy of ours, so any overlap fails closed.
 PRIORITY_BLOCK = 10000
@@ -99,7 +99,7 @@ class PlanConfig:
 
     @property
     def ownership(self) -> Ownership:
-        """How kernel dumps are filtered to our objects (agent.diff, agent.kernel.xfrm)."""
+        """How kernel dumps are filtered to our objects (agent.ipsec.diff, agent.kernel.xfrm)."""
         return Ownership(self.reqid, self.spi_prefix, OWNED_PRIORITIES.start, OWNED_PRIORITIES.stop - 1)
 
 

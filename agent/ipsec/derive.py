@@ -6,7 +6,7 @@ key, both node IPs and both boot IDs, so no two senders ever encrypt under
 one key and a reboot (new boot ID) gives fresh keys, hence fresh sequence
 numbers and nonces (CVE-2024-28860). Usage::
 
-    from agent import derive
+    from agent.ipsec import derive
     out_alg = derive.out_algorithm(key, local.ip, peer.ip, local.boot_id, peer.boot_id)
     in_alg = derive.in_algorithm(key, local.ip, peer.ip, local.boot_id, peer.boot_id)
     raw = derive.pair_key(global_key, src_ip, dst_ip, src_boot_id, dst_boot_id)
@@ -43,7 +43,7 @@ from dataclasses import replace
 from typing import Optional
 
 from agent.errors import ConfigError
-from agent.keys import IpsecKey
+from agent.ipsec.keys import IpsecKey
 from agent.model import AeadAlgorithm, Algorithm, IPAddress, KeyMaterial
 
 #: Bytes of a boot ID that enter the hash (Cilium: bootID[:36]).

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from agent import diff, plan
+    from agent.ipsec import diff, plan
     changes = diff.diff(desired, kernel_sas, kernel_policies, config)
     for step in changes.steps():          # apply in this order
         step.op, step.obj, step.old       # "add_sa", "update_policy", ...
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, TypeVar, Union
 
 from agent.model import SA, IPAddress, Policy
-from agent.plan import DesiredState, PlanConfig
+from agent.ipsec.plan import DesiredState, PlanConfig
 
 SaId = tuple[IPAddress, int]
 XfrmObject = Union[SA, Policy]
