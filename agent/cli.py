@@ -1,10 +1,13 @@
 """Command line of the node agent.
 
+    python -m agent run    --config /etc/sealnet/config.json [--node NAME] [--kubeconfig FILE]
     python -m agent apply  --node NAME --nodes FILE --keys FILE [--node-encryption]
     python -m agent apply  --mode wireguard --node NAME --nodes FILE --state-dir DIR
     python -m agent status [--mode ipsec|wireguard] [--json]
     python -m agent pubkey --state-dir DIR [--key-epoch N] [--allow-key-regeneration]
 
+``run`` is the daemon the DaemonSet starts (agent.cluster.daemon): it
+watches Nodes and the keys file and keeps the datapath reconciled.
 ``apply`` is the one-shot static mode: it programs the named node's datapath
 from a static description (see agent.nodesfile) through the same plan and
 reconcile code the daemon uses, and exits non-zero with one clear message on
@@ -31,7 +34,9 @@ Handler = Callable[[argparse.Namespace], int]
 def _handler(mode: str, command: str) -> Handler:
     # Imported lazily: `pubkey` must not pay for the XFRM codec, and each
     # datapath module owns its own commands.
-    if mode == "ipsec":
+    if mode == "cluster":
+        from agent.cluster import daemon as datapath
+    elif mode == "ipsec":
         from agent.ipsec import datapath
     else:
         from agent.wireguard import datapath
@@ -80,11 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sealnet-agent", description="sealnet node agent")
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("SEALNET_LOG_LEVEL", "info"),
+        default=os.environ.get("SEALNET_LOG_LEVEL"),
         choices=["debug", "info", "warning", "error"],
-        help="log verbosity (env SEALNET_LOG_LEVEL)",
+        help="log verbosity (env SEALNET_LOG_LEVEL; default info, or the config's logLevel for run)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the node agent daemon (what the DaemonSet runs)")
+    run.add_argument("--config", required=True, help="the config document (the ConfigMap's config.json)")
+    run.add_argument("--node", help="this node's name (default: $NODE_NAME, from the downward API)")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else the in-cluster service account)")
+    run.add_argument("--bind", default="", help="address of the HTTP endpoints (default: all)")
+    run.set_defaults(mode="cluster")
 
     def add_mode(p: argparse.ArgumentParser) -> None:
         p.add_argument("--mode", choices=["ipsec", "wireguard"], default="ipsec")
@@ -122,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.log_level_given = args.log_level is not None
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=(args.log_level or "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )

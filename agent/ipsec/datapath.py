@@ -24,7 +24,7 @@ import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from agent.ipsec import keys as keyfile
 from agent import nodesfile
@@ -59,13 +59,15 @@ class ApplyResult:
                 f"{done}; failures {len(self.failures)}")
 
 
-def reconcile(xfrm: Xfrm, local: Node, nodes: Sequence[Node], keys: KeySet, config: PlanConfig) -> ApplyResult:
+def reconcile(xfrm: Xfrm, local: Node, nodes: Sequence[Node], keys: KeySet, config: PlanConfig,
+              egress: Optional[Mapping[str, int]] = None) -> ApplyResult:
     """Bring the kernel's owned XFRM state to the plan; never touch foreign state.
 
     One dump of each table, one batched write. A refused change does not stop
     the others (one bad peer must not hold back the rest); it is returned.
+    ``egress`` maps peers to the key ID to send them with (plan.plan's).
     """
-    desired = plan(local, nodes, keys, config)
+    desired = plan(local, nodes, keys, config, egress)
     for collision in desired.collisions:
         log.error("cannot tell nodes apart kind=%s nodes=%s: %s", collision.kind,
                   ",".join(collision.nodes), collision.detail)
