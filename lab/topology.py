@@ -30,6 +30,10 @@ from typing import Any, Optional
 
 UNDERLAY = ipaddress.ip_network("172.18.0.0/24")
 POD_SUPERNET = ipaddress.ip_network("10.244.0.0/16")
+#: With ``api_address=True`` the underlay bridge holds this address, where
+#: tests serve the fake Kubernetes API (lab.netns.listening_socket): the
+#: agents reach it over the underlay, as kubelets reach a control plane.
+API_IP = UNDERLAY.network_address + 1
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -81,7 +85,8 @@ class LabNode:
 class Cluster:
     """N nodes on one underlay, each with pods, routed host-gw style."""
 
-    def __init__(self, nodes: int = 3, pods_per_node: int = 1, name: str = "sn", mtu: int = 1500) -> None:
+    def __init__(self, nodes: int = 3, pods_per_node: int = 1, name: str = "sn", mtu: int = 1500,
+                 api_address: bool = False) -> None:
         if not 1 <= nodes <= 200:
             raise ValueError(f"nodes must be 1..200, got {nodes}")
         if not name.isalnum() or len(name) > 5:
@@ -89,6 +94,7 @@ class Cluster:
             raise ValueError(f"name must be 1..5 alphanumeric characters, got {name!r}")
         self.name = name
         self.mtu = mtu
+        self.api_address = api_address
         self.underlay_ns = f"{name}-ul"
         self.bridge = "br0"
         self.nodes: list[LabNode] = []
@@ -133,6 +139,10 @@ class Cluster:
             in_ns(ns, "ip", "link", "set", "lo", "up")
         ul = self.underlay_ns
         in_ns(ul, "ip", "link", "add", self.bridge, "mtu", str(self.mtu), "type", "bridge")
+        if self.api_address:
+            # No IPv6 on the bridge: its link-local address would add ND/MLD chatter to underlay captures.
+            in_ns(ul, "sysctl", "-qw", f"net.ipv6.conf.{self.bridge}.disable_ipv6=1")
+            in_ns(ul, "ip", "addr", "add", f"{API_IP}/{UNDERLAY.prefixlen}", "dev", self.bridge)
         in_ns(ul, "ip", "link", "set", self.bridge, "up")
         for node in self.nodes:
             self._create_node(node)

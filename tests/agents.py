@@ -1,0 +1,201 @@
+"""Test harness: ``python -m agent run`` on every node of a lab.topology.Cluster.
+
+Each agent is a real daemon process in its node's namespace, driven only by
+what a real one is driven by: the fake Kubernetes API server (tests.fakeapi)
+on the underlay at 172.18.0.1, which it reaches through its kubeconfig, and
+its mounted files (config document; the keys Secret as a kubelet-style
+volume, tests.kubelet). Its HTTP endpoints are reached inside the node's
+namespace (lab.netns). Every agent log is checked for key material before a
+test reads it.
+
+    with Cluster(nodes=3, name="d1", api_address=True) as c, \\
+         DaemonCluster(c, tmp_path, mode="ipsec", keys=LINE) as d:
+        d.register_all(); d.start_all(); d.wait_ready_all()
+        d.annotations(0)["sealnet.io/ipsec-keys"]   # "3"
+        d.metrics(0)["sealnet_agent_ready"]         # 1.0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from lab.netns import http_get, listening_socket
+from lab.topology import API_IP, Cluster, LabNode
+from tests.fakeapi import FakeApiServer, node_object
+from tests.kubelet import SecretVolume
+
+REPO = Path(__file__).resolve().parents[1]
+HEALTH_PORT, METRICS_PORT = 9879, 9878
+API_PORT = 6443
+#: A new agent process: a second on the host; in the lab VM (TCG, the
+#: checkout over 9p) its imports alone can take a minute or two.
+START_TIMEOUT = 400.0 if os.environ.get("SEALNET_IN_LAB") == "1" else 30.0
+
+
+class DaemonCluster:
+    def __init__(self, cluster: Cluster, tmp: Path, mode: str = "ipsec", keys: Optional[str] = None,
+                 node_encryption: bool = False, resync: float = 2.0, grace: float = 3.0,
+                 backend: str = "auto", secrets: Sequence[str] = ()) -> None:
+        assert cluster.api_address, "the cluster needs api_address=True (the fake API on the underlay)"
+        self.c, self.tmp, self.mode = cluster, tmp, mode
+        self.node_encryption, self.resync, self.grace, self.backend = node_encryption, resync, grace, backend
+        self.secrets = list(secrets)
+        self.api = FakeApiServer(sock=listening_socket(cluster.underlay_ns, str(API_IP), API_PORT))
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.dirs = [tmp / node.name for node in cluster.nodes]
+        self.volumes = [SecretVolume(d / "keys") for d in self.dirs]
+        self.kubeconfig = tmp / "kubeconfig"
+        if keys is not None:
+            self.write_keys(keys)
+
+    def __enter__(self) -> "DaemonCluster":
+        self.api.start()
+        self.api.kubeconfig(self.kubeconfig, server=f"http://{API_IP}:{API_PORT}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for i in list(self.procs):
+            self.kill(i)
+        if self.mode == "wireguard":
+            for i, node in enumerate(self.c.nodes):
+                self.c.run(node.ns, "ip", "link", "del", self.ifname(i), check=False)
+        self.api.stop()
+        for i in range(len(self.c.nodes)):
+            self.assert_no_secret(self.log(i))
+
+    # -- inputs ----------------------------------------------------------------
+
+    def ifname(self, i: int) -> str:
+        # wireguard-go's UAPI sockets share one directory per host: names must differ.
+        return f"sw{self.c.name}{i + 1}"
+
+    def config(self, i: int) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "nodeEncryption": self.node_encryption, "perNodeKeys": True, "spiPrefix": 5,
+            "rotationGracePeriod": 300, "logLevel": "debug", "metricsPort": METRICS_PORT,
+            "healthPort": HEALTH_PORT, "stateDir": str(self.dirs[i] / "state"),
+            "keysFile": str(self.volumes[i].path("keys")) if self.mode == "ipsec" else None,
+            "allowKeyRegeneration": False, "resyncPeriod": self.resync, "nodeGracePeriod": self.grace,
+            "wireguard": {"interface": self.ifname(i), "port": 51871, "keyEpoch": 0, "backend": self.backend},
+        }
+
+    def write_keys(self, text: str, nodes: Optional[Sequence[int]] = None) -> None:
+        """The keys Secret changed: each node's kubelet swaps its volume."""
+        for i in nodes if nodes is not None else range(len(self.c.nodes)):
+            self.volumes[i].write({"keys": text})
+
+    def node_object(self, node: LabNode, boot_id: Optional[str] = None) -> dict[str, Any]:
+        return node_object(node.name, str(node.ip), str(node.pod_cidr), boot_id or node.boot_id)
+
+    def register(self, i: int) -> None:
+        self.api.add_node(self.node_object(self.c.nodes[i]))
+
+    def register_all(self) -> None:
+        for i in range(len(self.c.nodes)):
+            self.register(i)
+
+    # -- processes -------------------------------------------------------------
+
+    def start(self, i: int) -> None:
+        node = self.c.nodes[i]
+        path = self.dirs[i] / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.config(i), indent=1))
+        log = open(self.dirs[i] / "agent.log", "ab")
+        cmd = ["ip", "netns", "exec", node.ns, sys.executable, "-m", "agent", "run", "--config", str(path),
+               "--node", node.name, "--kubeconfig", str(self.kubeconfig)]
+        self.procs[i] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        log.close()
+
+    def start_all(self) -> None:
+        for i in range(len(self.c.nodes)):
+            self.start(i)
+
+    def stop(self, i: int, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        proc = self.procs.pop(i)
+        proc.send_signal(sig)
+        return proc.wait(timeout=timeout)
+
+    def kill(self, i: int) -> None:
+        proc = self.procs.pop(i, None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+    def log(self, i: int) -> str:
+        path = self.dirs[i] / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def assert_no_secret(self, text: str) -> None:
+        # Not `assert secret not in text`: pytest would print both operands.
+        leaked = sum(1 for s in self.secrets if s and s in text)
+        assert leaked == 0, f"{leaked} key(s) appeared in agent output"
+
+    # -- observing -------------------------------------------------------------
+
+    def http(self, i: int, path: str, port: int = HEALTH_PORT) -> tuple[int, str]:
+        node = self.c.nodes[i]
+        return http_get(node.ns, str(node.ip), port, path)
+
+    def metrics(self, i: int) -> dict[str, float]:
+        """``/metrics`` as {'name{labels}': value} (the text format, parsed plainly)."""
+        status, body = self.http(i, "/metrics", METRICS_PORT)
+        assert status == 200, body
+        out = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def annotations(self, i: int) -> dict[str, str]:
+        meta = self.api.get_node(self.c.nodes[i].name)["metadata"]
+        return dict(meta.get("annotations") or {})
+
+    def wait(self, what: str, predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = predicate()
+            except (OSError, AssertionError, KeyError) as e:
+                last = e
+            else:
+                if last:
+                    return last
+            self._check_alive()
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+    def _check_alive(self) -> None:
+        for i, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"agent on {self.c.nodes[i].name} exited {proc.returncode}: "
+                                     f"{self.log(i)[-3000:]}")
+
+    def ready(self, i: int) -> bool:
+        return self.http(i, "/readyz")[0] == 200
+
+    def wait_ready(self, i: int, timeout: Optional[float] = None) -> None:
+        self.wait(f"{self.c.nodes[i].name} ready", lambda: self.ready(i), timeout or START_TIMEOUT, 0.5)
+
+    def wait_ready_all(self, timeout: Optional[float] = None) -> None:
+        for i in self.procs:
+            self.wait_ready(i, timeout)
+
+    def ping_all(self, count: int = 2) -> list[tuple[str, str]]:
+        """Every pod pings every other pod; the (src, dst) pairs that failed."""
+        failed = []
+        for a in self.c.pods():
+            for b in self.c.pods():
+                if a is not b and not self.c.ping(a, b, count=count):
+                    failed.append((a.ns, b.ns))
+        return failed
