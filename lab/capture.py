@@ -2,13 +2,24 @@
 
 A capture runs tcpdump inside a namespace (usually the underlay's, on the
 bridge, where every packet between nodes passes) and reads the pcap back
-with scapy. :func:`classify` sorts every IP packet into one of:
+with scapy. :func:`classify` sorts every IPv4 and IPv6 packet into one of:
 
-- ``plaintext``: pod traffic in clear (a pod address as source or destination),
-  the thing transparent encryption must make disappear;
-- ``esp``: ESP between node IPs, with its SPI and sequence number;
+- ``plaintext``: pod traffic in clear (a pod address as source or destination
+  of the packet or of an IP header it encapsulates), the thing transparent
+  encryption must make disappear;
+- ``esp``: ESP, with its SPI and sequence number;
 - ``wireguard``: UDP to or from the WireGuard port;
-- ``other``: anything else (node-to-node traffic in clear, ...).
+- ``control``: link-local control traffic the kernel sends on its own, with
+  no payload in it: IGMP membership messages to 224.0.0.0/24, ICMPv6
+  Neighbor Discovery and MLD between link-local addresses (see
+  :func:`control_kind` for the exact rules);
+- ``other``: anything else (node-to-node traffic in clear, mDNS, IPv6 between
+  global addresses, ...).
+
+Control packets stay in :attr:`Summary.packets` and :attr:`Summary.raw` but
+:meth:`Summary.kinds` and :meth:`Summary.count` leave them out, so that
+``kinds() == {"esp"}`` still means "nothing but ESP payload crossed"; whether
+an IGMP report happened to go out during the test does not change that.
 
 Usage::
 
@@ -30,14 +41,21 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 from scapy.layers.inet import IP, UDP  # type: ignore[import-untyped]
+from scapy.layers.inet6 import (  # type: ignore[import-untyped]
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.ipsec import ESP  # type: ignore[import-untyped]
 from scapy.packet import Packet as ScapyPacket  # type: ignore[import-untyped]
 from scapy.utils import rdpcap  # type: ignore[import-untyped]
 
-from lab.topology import POD_SUPERNET
+from lab.topology import POD_SUPERNET, UNDERLAY
 
 WIREGUARD_PORT = 51871
 
@@ -97,7 +115,7 @@ def _remove(path: str) -> None:
 
 @dataclass(frozen=True)
 class Seen:
-    """One classified IP packet."""
+    """One classified IP packet (for IPv6, ``proto`` is the upper-layer protocol after extension headers)."""
 
     kind: str
     src: str
@@ -105,6 +123,8 @@ class Seen:
     spi: Optional[int] = None
     seq: Optional[int] = None
     proto: int = 0
+    #: For ``control`` packets, which message it is ("IGMP v3 report", "ND neighbor solicitation", ...).
+    detail: Optional[str] = None
 
 
 @dataclass
@@ -112,11 +132,20 @@ class Summary:
     packets: list[Seen] = field(default_factory=list)
     raw: list[ScapyPacket] = field(default_factory=list)
 
-    def kinds(self) -> set[str]:
-        return {p.kind for p in self.packets}
+    def kinds(self, control: bool = False) -> set[str]:
+        """Kinds seen; ``control`` packets only when asked for (see the module docstring)."""
+        return {p.kind for p in self.packets if control or p.kind != "control"}
 
-    def count(self) -> Counter[str]:
-        return Counter(p.kind for p in self.packets)
+    def count(self, control: bool = False) -> Counter[str]:
+        return Counter(p.kind for p in self.packets if control or p.kind != "control")
+
+    def control(self) -> list[Seen]:
+        """The kernel's own link-local control packets, which :meth:`kinds` and :meth:`count` leave out."""
+        return [p for p in self.packets if p.kind == "control"]
+
+    def payload(self) -> list[Seen]:
+        """Every packet but the control ones: what tests asserting on addresses should look at."""
+        return [p for p in self.packets if p.kind != "control"]
 
     def spis(self) -> dict[tuple[str, str], set[int]]:
         """ESP SPIs seen per (outer src, outer dst)."""
@@ -130,29 +159,181 @@ class Summary:
         return [r for r in self.raw if ESP in r]
 
     def __str__(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in sorted(self.count().items())) or "no IP packets"
+        counted = ", ".join(f"{k}={v}" for k, v in sorted(self.count().items()))
+        control = self.control()
+        if not control:
+            return counted or "no IP packets"
+        details = Counter(p.detail for p in control)
+        listed = ", ".join(f"{d} x{n}" if n > 1 else str(d) for d, n in sorted(details.items()))
+        return f"{counted or 'no payload packets'}; control={len(control)} not counted ({listed})"
+
+
+# -- kernel control traffic ---------------------------------------------------
+#
+# A namespace's interfaces talk on their own as soon as they are up: the
+# kernel reports its multicast memberships (IGMP, RFC 3376 section 5; MLD,
+# RFC 3810 section 6), solicits routers and checks its IPv6 addresses for
+# duplicates (Neighbor Discovery, RFC 4861 section 6.3.7 and RFC 4862 section
+# 5.4). When such a message falls inside a capture, it says nothing about
+# whether pod or node payload crossed in clear, so it gets a kind of its own.
+# The rules below are the ones those RFCs give the sender; a packet that bends
+# any of them (a routable group, a global source, a hop limit a router would
+# have decremented, a fragment) is not the kernel's link-local chatter and
+# stays ``other``.
+
+#: The Local Network Control Block: never forwarded by routers (RFC 5771 section 4).
+LINK_LOCAL_GROUPS = ipaddress.IPv4Network("224.0.0.0/24")
+_ALL_SYSTEMS = ipaddress.IPv4Address("224.0.0.1")
+_ALL_ROUTERS = ipaddress.IPv4Address("224.0.0.2")
+_IGMPV3_ROUTERS = ipaddress.IPv4Address("224.0.0.22")
+_UNSPECIFIED4 = ipaddress.IPv4Address("0.0.0.0")
+#: Link-local scope multicast (RFC 4291 section 2.7): all-nodes, all-routers, solicited-node, MLDv2 routers.
+LINK_LOCAL_MULTICAST6 = ipaddress.IPv6Network("ff02::/16")
+
+_IGMP_PROTO = 2
+_ICMPV6_NH = 58
+_IGMP_TYPES = {0x11: "query", 0x12: "v1 report", 0x16: "v2 report", 0x17: "leave", 0x22: "v3 report"}
+# RFC 4861 section 4: RS, RA, NS, NA, Redirect; always sent with hop limit 255 (section 6.1.1, 7.1.1).
+_ND_TYPES = {133: "router solicitation", 134: "router advertisement", 135: "neighbor solicitation",
+             136: "neighbor advertisement", 137: "redirect"}
+# RFC 2710 (MLDv1: query, report, done) and RFC 3810 (MLDv2 report); always hop limit 1 (RFC 3810 section 5).
+_MLD_TYPES = {130: "query", 131: "v1 report", 132: "done", 143: "v2 report"}
+_IPV6_EXTENSIONS = (IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting, IPv6ExtHdrFragment)
+
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def _igmp_destination_fits(kind: int, group: ipaddress.IPv4Address, dst: ipaddress.IPv4Address) -> bool:
+    """Where each IGMP message goes, by RFC."""
+    if kind in (0x12, 0x16):  # reports go to the group reported (RFC 2236 section 2)
+        return dst == group
+    if kind == 0x17:  # leaves go to all-routers (RFC 2236 section 3)
+        return dst == _ALL_ROUTERS
+    if kind == 0x22:  # v3 reports go to all IGMPv3-capable routers (RFC 3376 section 4.2.14)
+        return dst == _IGMPV3_ROUTERS
+    # queries: general ones to all-systems, group-specific ones to the group (RFC 3376 section 4.1.12)
+    return dst in (_ALL_SYSTEMS, group)
+
+
+def _igmp_control(ip: ScapyPacket, node_net: ipaddress.IPv4Network) -> Optional[str]:
+    if ip.proto != _IGMP_PROTO or ip.ttl != 1 or ip.frag or ip.flags.MF:  # TTL 1: RFC 3376 section 4
+        return None
+    src, dst = ipaddress.IPv4Address(ip.src), ipaddress.IPv4Address(ip.dst)
+    # 0.0.0.0 is what a report carries before the interface has an address (RFC 3376 section 4.2.13).
+    if dst not in LINK_LOCAL_GROUPS or not (src == _UNSPECIFIED4 or src in node_net):
+        return None
+    # Read the message from the bytes: scapy dissects IGMP only when scapy.layers.igmp is loaded.
+    message = bytes(ip.payload)
+    if len(message) < 8 or message[0] not in _IGMP_TYPES:
+        return None
+    if not _igmp_destination_fits(message[0], ipaddress.IPv4Address(message[4:8]), dst):
+        return None
+    return f"IGMP {_IGMP_TYPES[message[0]]}"
+
+
+def _upper_layer(ip6: ScapyPacket) -> tuple[int, ScapyPacket, list[type]]:
+    """An IPv6 packet's upper-layer protocol number and layer, past its extension headers (listed)."""
+    nh, layer, extensions = ip6.nh, ip6.payload, []
+    while isinstance(layer, _IPV6_EXTENSIONS):
+        extensions.append(type(layer))
+        nh, layer = layer.nh, layer.payload
+    return nh, layer, extensions
+
+
+def _icmpv6_control(ip6: ScapyPacket) -> Optional[str]:
+    nh, layer, extensions = _upper_layer(ip6)
+    # MLD rides behind a Hop-by-Hop Router Alert (RFC 3810 section 5); nothing else may come before it.
+    if nh != _ICMPV6_NH or set(extensions) - {IPv6ExtHdrHopByHop}:
+        return None
+    src, dst = ipaddress.IPv6Address(ip6.src), ipaddress.IPv6Address(ip6.dst)
+    # Unspecified source: duplicate address detection (RFC 4862 section 5.4.2, RFC 3810 section 5.2.13).
+    if not (src.is_link_local or src.is_unspecified) or not (dst.is_link_local or dst in LINK_LOCAL_MULTICAST6):
+        return None
+    message = bytes(layer)
+    if not message:
+        return None
+    if message[0] in _ND_TYPES and ip6.hlim == 255:
+        return f"ND {_ND_TYPES[message[0]]}"
+    if message[0] in _MLD_TYPES and ip6.hlim == 1:
+        return f"MLD {_MLD_TYPES[message[0]]}"
+    return None
+
+
+def control_kind(outer: ScapyPacket, node_net: ipaddress.IPv4Network = UNDERLAY) -> Optional[str]:
+    """What kernel control message an IP/IPv6 packet is, or None if it is not one.
+
+    - IGMP (TTL 1, not fragmented) from 0.0.0.0 or a ``node_net`` address to a
+      group in 224.0.0.0/24, of a known type and to the address that type
+      goes to: a report to the group itself, a v3 report to 224.0.0.22, a
+      leave to 224.0.0.2, a query to 224.0.0.1 or the group;
+    - ICMPv6 Neighbor Discovery (types 133-137, hop limit 255) or MLD (130,
+      131, 132, 143, hop limit 1, possibly behind a Hop-by-Hop header) from a
+      link-local or the unspecified address to a link-local address or ff02::/16.
+    """
+    if isinstance(outer, IPv6):
+        return _icmpv6_control(outer)
+    return _igmp_control(outer, node_net)
+
+
+# -- classification -----------------------------------------------------------
+
+
+def _network_headers(pkt: ScapyPacket) -> list[ScapyPacket]:
+    """The IPv4/IPv6 headers of a frame, outermost first, encapsulated ones (IPIP, 4in6, VXLAN, ...) after.
+
+    The headers an ICMP error quotes (scapy's IPerror, IPerror6) are not
+    among them: they are a copy of a packet's start, not a packet carried.
+    """
+    return [layer for layer in pkt.iterpayloads() if type(layer) in (IP, IPv6)]
+
+
+def _is_pod(address: str, pod_net: ipaddress.IPv4Network, pod_net6: Optional[ipaddress.IPv6Network]) -> bool:
+    addr: Address = ipaddress.ip_address(address)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return addr.ipv4_mapped in pod_net
+        return pod_net6 is not None and addr in pod_net6
+    return addr in pod_net
 
 
 def classify(
     packets: Iterable[ScapyPacket],
     pod_net: ipaddress.IPv4Network = POD_SUPERNET,
     wireguard_port: int = WIREGUARD_PORT,
+    *,
+    pod_net6: Optional[ipaddress.IPv6Network] = None,
+    node_net: ipaddress.IPv4Network = UNDERLAY,
 ) -> Summary:
-    """Sort every IP packet of a capture (non-IP frames such as ARP are ignored)."""
+    """Sort every IPv4 and IPv6 packet of a capture (non-IP frames such as ARP are ignored).
+
+    ``pod_net6`` is the pods' IPv6 network, if they have one; without it no
+    IPv6 packet is ``plaintext`` by address (an IPv4-mapped pod address still
+    is), and any IPv6 packet that is not ESP, WireGuard or control is ``other``,
+    which fails a test asserting ``kinds() == {"esp"}`` just the same.
+    ``node_net`` holds the node addresses IGMP may come from.
+    """
     summary = Summary()
     for pkt in packets:
-        if IP not in pkt:
+        headers = _network_headers(pkt)
+        if not headers:
             continue
-        ip = pkt[IP]
-        src, dst = ipaddress.ip_address(ip.src), ipaddress.ip_address(ip.dst)
-        if src in pod_net or dst in pod_net:
-            seen = Seen("plaintext", ip.src, ip.dst, proto=ip.proto)
-        elif ESP in ip:
-            seen = Seen("esp", ip.src, ip.dst, spi=ip[ESP].spi, seq=ip[ESP].seq, proto=ip.proto)
-        elif UDP in ip and wireguard_port in (ip[UDP].sport, ip[UDP].dport):
-            seen = Seen("wireguard", ip.src, ip.dst, proto=ip.proto)
+        outer = headers[0]
+        if isinstance(outer, IPv6):
+            proto = _upper_layer(outer)[0]
         else:
-            seen = Seen("other", ip.src, ip.dst, proto=ip.proto)
+            proto = outer.proto
+        esp = pkt.getlayer(ESP)
+        udp = pkt.getlayer(UDP)
+        if any(_is_pod(h.src, pod_net, pod_net6) or _is_pod(h.dst, pod_net, pod_net6) for h in headers):
+            seen = Seen("plaintext", outer.src, outer.dst, proto=proto)
+        elif (detail := control_kind(outer, node_net)) is not None:
+            seen = Seen("control", outer.src, outer.dst, proto=proto, detail=detail)
+        elif esp is not None:
+            seen = Seen("esp", outer.src, outer.dst, spi=esp.spi, seq=esp.seq, proto=proto)
+        elif udp is not None and wireguard_port in (udp.sport, udp.dport):
+            seen = Seen("wireguard", outer.src, outer.dst, proto=proto)
+        else:
+            seen = Seen("other", outer.src, outer.dst, proto=proto)
         summary.packets.append(seen)
         summary.raw.append(pkt)
     return summary

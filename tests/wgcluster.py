@@ -252,9 +252,16 @@ def session_problems(before: dict[str, dict[str, Any]], after: dict[str, dict[st
 
 
 def wireguard_only(summary: Any, node_ips: set[str]) -> list[str]:
-    """Problems with an underlay capture that should hold only WireGuard between node IPs."""
+    """Problems with an underlay capture that should hold only WireGuard between node IPs.
+
+    The kernel's own link-local control packets (IGMP, MLD, Neighbor
+    Discovery: kind ``control``, see lab.capture) carry no payload and are
+    no problem; anything else that is not WireGuard is.
+    """
     problems = []
     for seen, raw in zip(summary.packets, summary.raw):
+        if seen.kind == "control":
+            continue
         if seen.kind != "wireguard":
             problems.append(f"{seen.kind} {seen.src} -> {seen.dst} proto {seen.proto}")
             continue

@@ -164,4 +164,4 @@ def test_peer_without_boot_id_is_blocked_never_in_clear(tmp_path: Path, agent: C
         assert "plaintext" not in seen.kinds(), seen
         assert seen.kinds() == {"esp"}, seen
         node3 = str(c.nodes[2].ip)
-        assert all(node3 not in (p.src, p.dst) for p in seen.packets), seen
+        assert all(node3 not in (p.src, p.dst) for p in seen.payload()), seen

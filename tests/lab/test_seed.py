@@ -118,4 +118,4 @@ def test_kernel_wireguard_by_hand_leaves_only_udp_on_the_wireguard_port() -> Non
         seen = classify(cap.packets())
         assert seen.kinds() == {"wireguard"}, seen
         node_ips = {str(n.ip) for n in c.nodes}
-        assert all(p.src in node_ips and p.dst in node_ips for p in seen.packets)
+        assert all(p.src in node_ips and p.dst in node_ips for p in seen.payload()), seen
