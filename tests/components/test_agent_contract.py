@@ -104,3 +104,80 @@ def test_not_json_and_not_an_object(tmp_path: Path) -> None:
         config.load(path)
     with pytest.raises(ConfigError, match="expected a JSON object, got list"):
         config.parse([])
+
+
+# -- the DaemonSet, the daemon and the image agree ---------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _container(mode: str) -> tuple[dict[str, Any], dict[str, Any], program_config.Settings]:
+    settings = settings_for({"mode": mode})
+    ds = render.daemonset(settings, render.IPSEC_SECRET_NAME if mode == "ipsec" else None, checksum="x")
+    spec = ds["spec"]["template"]["spec"]
+    return spec["containers"][0], spec, settings
+
+
+@pytest.mark.parametrize("mode", ["ipsec", "wireguard"])
+def test_daemonset_runs_what_the_daemon_and_image_expect(mode: str) -> None:
+    from agent import cli
+
+    container, spec, settings = _container(mode)
+    cfg = config.parse(render.agent_config(settings))
+    # The command is the daemon's, parsed by the agent's own CLI.
+    assert container["command"][:3] == ["python", "-m", "agent"]
+    args = cli.build_parser().parse_args(container["command"][3:])
+    assert args.command == "run" and args.config == render.CONFIG_PATH and args.node is None
+    # NODE_NAME from the downward API: the daemon's default for --node.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # Ports and probes: what the daemon serves.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == cfg.metrics_port and ports["health"] == cfg.health_port
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert spec["hostNetwork"] is True
+    if mode == "wireguard":
+        assert ports["wireguard"] == cfg.wireguard.port
+    # Mounts: the config file, the keys directory (the kubelet swaps files in it),
+    # the state dir, a writable /tmp; wireguard-go's device and socket directory.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[render.CONFIG_PATH]["subPath"] == render.CONFIG_FILE
+    assert cfg.state_dir in mounts and "/tmp" in mounts
+    if cfg.keys_file is not None:
+        keys_dir = str(Path(cfg.keys_file).parent)
+        assert mounts[keys_dir]["readOnly"] is True and "subPath" not in mounts[keys_dir]
+    else:
+        assert render.TUN_DEVICE in mounts and render.WIREGUARD_RUN_DIR in mounts
+    sc = container["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]} and sc["readOnlyRootFilesystem"] is True
+
+
+def test_image_holds_the_agent_and_its_runtime_needs_only() -> None:
+    import ast
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    lines = [line.strip() for line in dockerfile.splitlines()]
+    assert any(line.startswith("ARG BASE_IMAGE=python:") and "slim" in line for line in lines)
+    assert "FROM ${BASE_IMAGE}" in lines
+    assert "COPY agent/ agent/" in lines and "WORKDIR /opt/sealnet" in lines
+    assert "COPY requirements-agent.txt ." in lines and not any("components" in line for line in lines)
+    # A read-only root filesystem: bytecode compiled at build time, never written at run time.
+    assert "RUN python -m compileall -q agent" in lines and "PYTHONDONTWRITEBYTECODE=1" in dockerfile
+    assert "iproute2 wireguard-tools wireguard-go" in dockerfile
+    # Every third-party module the agent imports is pinned in requirements-agent.txt.
+    pinned = {line.split("==")[0].lower() for line in (REPO / "requirements-agent.txt").read_text().splitlines()
+              if "==" in line}
+    dist = {"prometheus_client": "prometheus-client", "pyroute2": "pyroute2", "cryptography": "cryptography",
+            "lightkube": "lightkube", "watchfiles": "watchfiles"}
+    imported = set()
+    for path in (REPO / "agent").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            imported.update(n.split(".")[0] for n in names)
+    import sys
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "agent"}
+    assert third_party <= set(dist), f"agent imports {sorted(third_party - set(dist))}: add them to the image"
+    assert {dist[m] for m in third_party} <= pinned
+    assert "components" not in imported and "pulumi" not in imported
