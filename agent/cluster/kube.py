@@ -156,6 +156,7 @@ class NodeWatcher:
             except Exception as e:  # noqa: BLE001 - every failure is handled the same: log, count, retry
                 if stop.is_set():
                     return
+                _release(e)
                 code = _status_code(e)
                 if code == 410:
                     log.info("node watch expired (410 Gone) resource_version=%s: listing again",
@@ -195,6 +196,18 @@ class NodeWatcher:
     def _restart(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.watch_restart(reason)
+
+
+def _release(e: BaseException) -> None:
+    # lightkube's watch raises an error response (a 503) without reading or
+    # closing it: close it here, or every outage leaks a pooled connection.
+    response = getattr(e, "response", None)
+    close = getattr(response, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
 
 
 def _describe(e: BaseException) -> str:
