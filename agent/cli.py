@@ -142,7 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     # pyroute2 logs every parsed netlink message at DEBUG, and kernel replies
     # carry keys (WireGuard private keys, XFRM SA keys): never let it.
-    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.getLogger("pyroute2").level))
+    # httpx/httpcore (under lightkube) log every request and connection
+    # event at DEBUG, watchfiles every poll: noise, not the agent's story.
+    for name in ("pyroute2", "httpx", "httpx2", "httpcore", "httpcore2", "watchfiles"):
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).level))
     try:
         return _handler(args.mode, args.command)(args)
     except ConfigError as e:

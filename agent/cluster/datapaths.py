@@ -91,7 +91,7 @@ class IpsecDatapath:
         nodes = [v.node for v in views if v.node is not None]
         egress = choose_egress(keys, views, local.name)
         result = reconcile(self.xfrm, local, nodes, keys, self.plan_config, egress)
-        failures = tuple(f.error for f in result.failures)
+        failures = tuple(str(f.error) for f in result.failures)
         publish: dict[str, Optional[str]] = {}
         installed: tuple[int, ...] = ()
         if not failures:
