@@ -10,25 +10,35 @@ Properties asserted:
 - three agents list the Nodes, program the mesh, publish the installed key
   IDs on their own Node and turn ready; all pod pairs reach each other with
   only ESP on the underlay, one SPI per sender, XFRM error counters
-  unchanged; /metrics answers with SA sequence numbers and xfrm_stat.
-
-Not yet proven here (see the issue note): drift repair, a refused keys file,
-restart under counted traffic, a peer reboot and a deleted Node in the lab;
-their host counterparts are in tests/privileged/test_daemon_*_host.py.
+  unchanged; /metrics answers with SA sequence numbers and xfrm_stat;
+- an SA deleted by hand comes back within the resync period;
+- a bad keys file is refused: the last good keys stay in use (ESP goes on),
+  the metric says so and an Event is recorded on the Node;
+- an agent killed (SIGKILL) and restarted under counted UDP traffic loses no
+  packet and sends none in clear (it adopts the SAs: sequence numbers go on);
+  a node registered meanwhile joins;
+- a peer reboot (new boot ID) re-keys that pair only, never in clear; the
+  packets lost in the swap are counted and printed (bounded by watch latency);
+- a deleted Node's SAs and policies are removed after the grace period;
+- SIGTERM exits 0 and leaves the datapath in place.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from agent.kernel.xfrm import Xfrm
 from lab.capture import Capture, classify
 from lab.counters import delta, xfrm_stat
 from lab.topology import API_IP, Cluster
+from lab.udpflow import Flow
 from tests.agents import DaemonCluster
 
 pytestmark = [pytest.mark.kernel_lab, pytest.mark.timeout(1800)]
@@ -36,12 +46,13 @@ pytestmark = [pytest.mark.kernel_lab, pytest.mark.timeout(1800)]
 KEY = "5c7dc606a6e901eb92accc3063c5259ddca19049"
 KEYS = f"3+ rfc4106(gcm(aes)) {KEY} 128\n"
 ERRORS = ("XfrmInNoStates", "XfrmInStateProtoError", "XfrmInStateSeqError", "XfrmOutNoStates")
+RATE = 200
 
 
 @pytest.fixture(scope="module")
 def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonCluster]:
     tmp: Path = tmp_path_factory.mktemp("daemon-ipsec")
-    with Cluster(nodes=3, name="dip", api_address=True) as c, \
+    with Cluster(nodes=4, name="dip", api_address=True) as c, \
             DaemonCluster(c, tmp, mode="ipsec", keys=KEYS, resync=2.0, grace=3.0, secrets=[KEY]) as dc:
         for i in range(3):
             dc.register(i)
@@ -56,6 +67,11 @@ def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonCluster]:
 def underlay(d: DaemonCluster) -> Capture:
     # The agents' API traffic (to 172.18.0.1) is not pod or node payload.
     return Capture(d.c.underlay_ns, d.c.bridge, bpf=f"not host {API_IP}", directory=str(d.tmp))
+
+
+def sas(d: DaemonCluster, i: int) -> list:
+    with Xfrm.open(netns=d.c.nodes[i].ns) as x:
+        return x.dump_sas()
 
 
 def errors(d: DaemonCluster, n: int = 3) -> dict[str, dict[str, int]]:
@@ -89,3 +105,96 @@ def test_mesh_ready_encrypted_and_observable(d: DaemonCluster) -> None:
     assert len(seq) == 4 and max(seq) >= 4  # 2 peers x (in, out), pings counted
     assert 'sealnet_xfrm_stat{counter="XfrmInNoStates"}' in m
     assert d.http(0, "/healthz") == (200, "ok\n")
+
+
+def test_drift_repaired_and_bad_keys_file_refused(d: DaemonCluster) -> None:
+    node = d.c.nodes[0]
+    victim = next(sa for sa in sas(d, 0) if sa.dst == d.c.nodes[1].ip)
+    d.c.run(node.ns, "ip", "xfrm", "state", "delete", "dst", str(victim.dst), "proto", "esp",
+            "spi", hex(victim.spi))
+    start = time.monotonic()
+    d.wait("the deleted SA comes back", lambda: any(s.spi == victim.spi and s.dst == victim.dst for s in sas(d, 0)),
+           timeout=15)
+    print(f"\nSA deleted by hand restored in {time.monotonic() - start:.1f} s (resync {d.resync:g} s)")
+
+    events_before = len(d.api.created_events())
+    d.write_keys(f"4+ rfc4106(gcm(aes)) {KEY[:-1]} 128\n", nodes=[0])  # odd hex: refused
+    d.wait("keys file refused", lambda: d.metrics(0)["sealnet_ipsec_keys_file_valid"] == 0.0, timeout=15)
+    event = d.wait("an Event on node-1", lambda: [e for e in d.api.created_events()[events_before:]
+                                                  if e.get("reason") == "KeysFileRefused"], timeout=15)[0]
+    assert event["involvedObject"]["name"] == "node-1" and "last good keys" in event["message"]
+    a, b = d.c.nodes[0].pods[0], d.c.nodes[1].pods[0]
+    with underlay(d) as cap:
+        assert d.c.ping(a, b, count=3) and d.c.ping(b, a, count=3)
+    summary = classify(cap.packets())
+    assert summary.kinds() == {"esp"} and all(spi & 0xF == 3 for spis in summary.spis().values() for spi in spis)
+    d.write_keys(KEYS, nodes=[0])
+    d.wait("keys file good again", lambda: d.metrics(0)["sealnet_ipsec_keys_file_valid"] == 1.0, timeout=15)
+
+
+def test_restart_under_traffic_and_join(d: DaemonCluster) -> None:
+    a, b = d.c.nodes[0].pods[0], d.c.nodes[1].pods[0]
+    before = errors(d)
+    with Xfrm.open(netns=d.c.nodes[0].ns) as x:
+        seq_before = {k: c.oseq64 for k, c in x.dump_sa_counters().items() if c.oseq64}
+    d.register(3)
+    with underlay(d) as cap, Flow(a.ns, b.ns, str(b.ip), rate=RATE) as flow:
+        time.sleep(1)
+        d.kill(0)
+        start = time.monotonic()
+        d.start(0)
+        d.start(3)
+        d.wait_ready(0)
+        restarted = time.monotonic() - start
+        d.wait_ready(3)
+        time.sleep(2)
+    result = flow.result
+    assert result is not None
+    print(f"\nagent restart under traffic: ready {restarted:.1f} s after start; {result}")
+    assert result.lost == 0 and result.sent > RATE, str(result)
+    summary = classify(cap.packets())
+    assert summary.kinds() == {"esp"}, str(summary)
+    assert no_new_errors(before, errors(d)) == {}
+    with Xfrm.open(netns=d.c.nodes[0].ns) as x:
+        seq_after = {k: c.oseq64 for k, c in x.dump_sa_counters().items()}
+    # Adopted, not re-added: a re-added SA would count from 1 again (and the peer's replay window drop it).
+    assert seq_before and all(seq_after.get(k, 0) >= v for k, v in seq_before.items()), (seq_before, seq_after)
+    assert "delete_sa" not in d.log(0).split("starting node=node-1")[-1]
+    new = d.c.nodes[3].pods[0]
+    assert d.wait("the new node's pods reachable", lambda: d.c.ping(a, new) and d.c.ping(new, a), timeout=60)
+    assert d.annotations(3).get("sealnet.io/ipsec-keys") == "3"
+
+
+def test_peer_reboot_rekeys_never_in_clear(d: DaemonCluster) -> None:
+    a, b = d.c.nodes[0].pods[0], d.c.nodes[1].pods[0]
+    third = {sa for sa in sas(d, 0) if d.c.nodes[2].ip in (sa.src, sa.dst)}
+    with underlay(d) as cap, Flow(a.ns, b.ns, str(b.ip), rate=RATE) as flow:
+        time.sleep(1)
+        d.api.update_node(d.c.nodes[1].name, lambda n: n["status"]["nodeInfo"].update(bootID=str(uuid.uuid4())))
+        time.sleep(4)
+    result = flow.result
+    assert result is not None
+    print(f"\npeer reboot (new boot ID), re-key under traffic: {result}")
+    assert classify(cap.packets()).kinds() == {"esp"}
+    assert result.received > 0 and result.longest_gap * (1000 / RATE) < 3000, str(result)
+    # Only the rebooted peer's pair was re-keyed: node-3's SAs (keys included) are untouched.
+    assert third and third == {sa for sa in sas(d, 0) if d.c.nodes[2].ip in (sa.src, sa.dst)}
+    assert d.c.ping(a, b, count=2) and d.c.ping(b, a, count=2)
+
+
+def test_deleted_node_cleaned_up_and_sigterm_keeps_datapath(d: DaemonCluster) -> None:
+    gone = d.c.nodes[3]
+    d.kill(3)
+    d.api.delete_node(gone.name)
+    start = time.monotonic()
+    d.wait("the deleted node's SAs removed", lambda: not [s for s in sas(d, 0) if gone.ip in (s.src, s.dst)],
+           timeout=30)
+    print(f"\ndeleted node cleaned up {time.monotonic() - start:.1f} s after the DELETE (grace {d.grace:g} s)")
+    with Xfrm.open(netns=d.c.nodes[0].ns) as x:
+        assert not [p for p in x.dump_policies() if gone.pod_cidr in (p.src, p.dst)]
+    for i in range(3):
+        assert d.stop(i, signal.SIGTERM) == 0
+    a, b = d.c.nodes[0].pods[0], d.c.nodes[2].pods[0]
+    with underlay(d) as cap:
+        assert d.c.ping(a, b, count=2) and d.c.ping(b, a, count=2)
+    assert classify(cap.packets()).kinds() == {"esp"}
