@@ -15,10 +15,10 @@ node index, the field, the value and what is allowed.
 from __future__ import annotations
 
 import ipaddress
-import json
 from pathlib import Path
 from typing import Any
 
+from agent import jsonfile
 from agent.errors import ConfigError
 from agent.model import Node
 
@@ -27,15 +27,7 @@ _KNOWN = {"name", "ips", "podCIDRs", "bootID", "wireguardPublicKey"}
 
 def load(path: str | Path) -> list[Node]:
     """Parse the file at ``path`` into nodes, in file order."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"--nodes: cannot read {path}: {e.strerror}") from e
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--nodes: {path} is not JSON: {e.msg} at line {e.lineno}") from e
-    return parse(doc)
+    return parse(jsonfile.load("--nodes", path))
 
 
 def parse(doc: Any) -> list[Node]:

@@ -67,8 +67,12 @@ class DaemonCluster:
             for i, node in enumerate(self.c.nodes):
                 self.c.run(node.ns, "ip", "link", "del", self.ifname(i), check=False)
         self.api.stop()
-        for i in range(len(self.c.nodes)):
-            self.assert_no_secret(self.log(i))
+        keep = os.environ.get("SEALNET_LAB_RESULTS")
+        for i, node in enumerate(self.c.nodes):
+            text = self.log(i)
+            self.assert_no_secret(text)
+            if keep and text:  # brought back to the host with the lab's results
+                Path(keep, f"agent-{self.c.name}-{node.name}.log").write_text(text)
 
     # -- inputs ----------------------------------------------------------------
 
@@ -134,6 +138,11 @@ class DaemonCluster:
         path = self.dirs[i] / "agent.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def redact(self, text: str) -> str:
+        for s in self.secrets:
+            text = text.replace(s, "<redacted>") if s else text
+        return text
+
     def assert_no_secret(self, text: str) -> None:
         # Not `assert secret not in text`: pytest would print both operands.
         leaked = sum(1 for s in self.secrets if s and s in text)
@@ -173,7 +182,9 @@ class DaemonCluster:
                     return last
             self._check_alive()
             time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+        tails = "".join(f"\n--- {self.c.nodes[i].name} log tail ---\n{self.redact(self.log(i)[-1500:])}"
+                        for i in self.procs)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r}){tails}")
 
     def _check_alive(self) -> None:
         for i, proc in self.procs.items():

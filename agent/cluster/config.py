@@ -18,12 +18,12 @@ nearest known name suggested.
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from agent import jsonfile
 from agent.errors import ConfigError
 
 MODES = ("ipsec", "wireguard")
@@ -62,15 +62,7 @@ class AgentConfig:
 
 def load(path: str | Path) -> AgentConfig:
     """Read and check the file at ``path``."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config: {path} is not JSON: {e.msg} at line {e.lineno}") from None
-    return parse(doc)
+    return parse(jsonfile.load("--config", path))
 
 
 def parse(doc: Any) -> AgentConfig:
