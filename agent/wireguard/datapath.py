@@ -107,7 +107,7 @@ def apply(local_name: str, nodes: Sequence[Node], settings: Settings, state_dir:
 def reconcile(config: InterfaceConfig, private: KeyMaterial, dev: "Backend", ipr: Any,
               created: bool = False) -> Report:
     """Make the device, its link, routes and rules match ``config``; minimal changes only."""
-    from agent.kernel.wgroutes import Routing, describe_rule
+    from agent.kernel.wgroutes import Routing, describe_rule, diff_routes
 
     report = Report(config.interface, dev.name, created, config.public_key, peers=len(config.peers),
                     rejected=[f"{r.node}: {r.reason}" for r in config.rejected])
@@ -136,6 +136,7 @@ def reconcile(config: InterfaceConfig, private: KeyMaterial, dev: "Backend", ipr
     changes = diff_peers(config.peers, state.peers)
     failures: list[PeerFailure] = dev.apply_peers(changes) if changes else []
     failed = {f.change.public_key for f in failures}
+    verbose = log.isEnabledFor(logging.INFO)
     for c in changes:
         if c.public_key in failed:
             continue
@@ -145,20 +146,17 @@ def reconcile(config: InterfaceConfig, private: KeyMaterial, dev: "Backend", ipr
             report.peers_updated += 1
         else:
             report.peers_removed += 1
-        log.info("wireguard peer %s node=%s public_key=%s allowed_ips=%s", c.op, c.node or "-", c.public_key,
-                 ",".join(map(str, c.allowed_ips)) if c.allowed_ips is not None else "unchanged")
+        if verbose:
+            log.info("wireguard peer %s node=%s public_key=%s allowed_ips=%s", c.op, c.node or "-", c.public_key,
+                     ",".join(map(str, c.allowed_ips)) if c.allowed_ips is not None else "unchanged")
     report.failures += [f.describe() for f in failures]
 
-    routing = Routing(ipr)
-    have_routes, have_rules = routing.read(config.table, ifindex, config.rule_priority)
-    add_routes = config.routes - have_routes
-    # A route whose (dst, metric) stays but whose type or source changed is
-    # replaced in place by the add (never a moment without it); delete only
-    # what is gone.
-    wanted = {r.key for r in config.routes}
-    del_routes = {r for r in have_routes - config.routes if r.key not in wanted}
-    add_rules, del_rules = config.rules - have_rules, have_rules - config.rules
-    report.failures += routing.apply(ifindex, add_routes, del_routes, add_rules, del_rules)
+    with Routing(ipr) as routing:
+        add_routes, del_routes = diff_routes(config.routes, routing.routes(config.table, ifindex), config.table)
+        have_rules = routing.rules(config.table, config.rule_priority)
+        add_rules, del_rules = config.rules - have_rules, have_rules - config.rules
+        if add_routes or del_routes or add_rules or del_rules:
+            report.failures += routing.apply(ifindex, add_routes, del_routes, add_rules, del_rules)
     report.routes_added, report.routes_removed = len(add_routes), len(del_routes)
     report.rules_added, report.rules_removed = len(add_rules), len(del_rules)
     for rule in add_rules:
