@@ -47,6 +47,7 @@ def send(dst: str, port: int, rate: float, size: int) -> dict[str, Any]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     interval = 1.0 / rate
     pad = b"\0" * max(0, size - HEADER.size)
+    print("ready", flush=True)
     seq, errors, start = 0, 0, time.monotonic()
     while not stop.stopped:
         try:
@@ -130,6 +131,11 @@ class Flow:
             raise RuntimeError("udpflow receiver did not start")
         self._send = self._spawn(self.src_ns, "send", "--dst", self.dst_ip, "--port", str(self.port),
                                  "--rate", str(self.rate), "--size", str(self.size))
+        # Wait for the sender too: in the lab VM its start alone can take
+        # seconds, and a stop() before it runs would find nothing sent.
+        assert self._send.stdout is not None
+        if self._send.stdout.readline().strip() != "ready":
+            raise RuntimeError("udpflow sender did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -42,10 +42,11 @@ START_TIMEOUT = 400.0 if os.environ.get("SEALNET_IN_LAB") == "1" else 30.0
 class DaemonCluster:
     def __init__(self, cluster: Cluster, tmp: Path, mode: str = "ipsec", keys: Optional[str] = None,
                  node_encryption: bool = False, resync: float = 2.0, grace: float = 3.0,
-                 backend: str = "auto", secrets: Sequence[str] = ()) -> None:
+                 backend: str = "auto", secrets: Sequence[str] = (), rotation_grace: float = 300) -> None:
         assert cluster.api_address, "the cluster needs api_address=True (the fake API on the underlay)"
         self.c, self.tmp, self.mode = cluster, tmp, mode
         self.node_encryption, self.resync, self.grace, self.backend = node_encryption, resync, grace, backend
+        self.rotation_grace = rotation_grace
         self.secrets = list(secrets)
         self.api = FakeApiServer(sock=listening_socket(cluster.underlay_ns, str(API_IP), API_PORT))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -83,7 +84,7 @@ class DaemonCluster:
     def config(self, i: int) -> dict[str, Any]:
         return {
             "mode": self.mode, "nodeEncryption": self.node_encryption, "perNodeKeys": True, "spiPrefix": 5,
-            "rotationGracePeriod": 300, "logLevel": "debug", "metricsPort": METRICS_PORT,
+            "rotationGracePeriod": self.rotation_grace, "logLevel": "debug", "metricsPort": METRICS_PORT,
             "healthPort": HEALTH_PORT, "stateDir": str(self.dirs[i] / "state"),
             "keysFile": str(self.volumes[i].path("keys")) if self.mode == "ipsec" else None,
             "allowKeyRegeneration": False, "resyncPeriod": self.resync, "nodeGracePeriod": self.grace,

@@ -9,25 +9,34 @@ Both call exactly what ``python -m agent apply`` calls (agent.ipsec.datapath
 ``reconcile``, agent.wireguard.datapath ``apply``): the daemon adds nothing
 to the kernel layer.
 
-IPsec egress (the rotation protocol's last step, shared/DESIGN.md): a peer
-is sent the current key once it advertises that key as installed inbound
-(``sealnet.io/ipsec-keys``); until then, the newest key of ours it does
-advertise; a peer that advertises nothing (its agent not yet running, or an
-older agent) gets the current key.
+IPsec rotation (agent.ipsec.rotation): the keys installed are the file's
+plus older ones still needed; a peer is sent the current key once it
+advertises that key as installed inbound (``sealnet.io/ipsec-keys``), until
+then the newest key of ours it does advertise; older keys go
+``rotationGracePeriod`` s after every peer advertises the current key. The
+older keys are kept in the state dir (mode 0600), so an agent restarted
+after the Secret lost the previous line (a one-line ``kubectl patch``) still
+has them.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 
+from agent import secretfile
 from agent.cluster import annotations as ann
 from agent.cluster.config import AgentConfig
 from agent.cluster.metrics import gauge_family, xfrm_stat
 from agent.cluster.nodes import PeerView
 from agent.errors import ConfigError
-from agent.ipsec.keys import KeySet
+from agent.ipsec import keys as keyfile
+from agent.ipsec import rotation
+from agent.ipsec.keys import IpsecKey, KeySet
+from agent.ipsec.rotation import RotationState
 from agent.model import Node
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,10 @@ class Outcome:
     publish: dict[str, Optional[str]] = field(default_factory=dict)
     egress: dict[str, int] = field(default_factory=dict)
     keys_installed: tuple[int, ...] = ()
+    #: peers that do not yet advertise the current key
+    behind: tuple[str, ...] = ()
+    #: monotonic time at which the datapath wants another pass (a rotation's end)
+    wake_at: Optional[float] = None
     summary: str = ""
 
 
@@ -57,21 +70,6 @@ class Datapath(Protocol):
     def close(self) -> None: ...
 
 
-def choose_egress(keys: KeySet, views: Sequence[PeerView], local: str) -> dict[str, int]:
-    """Per peer, the key ID to send with (see the module docstring)."""
-    newest_first = [k.spi for k in reversed(keys.keys)]
-    egress = {}
-    for view in views:
-        if view.name == local or view.node is None:
-            continue
-        advertised = view.ipsec_keys
-        if advertised is None:
-            egress[view.name] = newest_first[0]
-        else:
-            egress[view.name] = next((spi for spi in newest_first if spi in advertised), newest_first[0])
-    return egress
-
-
 class IpsecDatapath:
     mode = "ipsec"
 
@@ -81,6 +79,9 @@ class IpsecDatapath:
 
         self.plan_config = PlanConfig(spi_prefix=config.spi_prefix, node_encryption=config.node_encryption)
         self.netns = netns
+        self.grace = config.rotation_grace_period
+        self.retained_path = Path(config.state_dir) / RETAINED_FILE
+        self.rotation = RotationState(retained=_load_retained(self.retained_path))
         self.xfrm = open_xfrm(netns)
 
     def reconcile(self, local: Node, views: Sequence[PeerView], keys: Optional[KeySet]) -> Outcome:
@@ -88,19 +89,32 @@ class IpsecDatapath:
 
         if keys is None:
             raise ConfigError("no valid keys file yet: the datapath is left as it is")
-        nodes = [v.node for v in views if v.node is not None]
-        egress = choose_egress(keys, views, local.name)
-        result = reconcile(self.xfrm, local, nodes, keys, self.plan_config, egress)
+        peers = [v for v in views if v.node is not None and v.name != local.name]
+        advertised = {v.name: v.ipsec_keys for v in peers}
+        live = {v.name: v.ipsec_keys for v in peers if not v.deleted}
+        state, active = rotation.step(self.rotation, keys, live, time.monotonic(), self.grace)
+        egress = rotation.choose_egress(active, advertised)
+        result = reconcile(self.xfrm, local, [v.node for v in views if v.node is not None], active,
+                           self.plan_config, egress)
         failures = tuple(str(f.error) for f in result.failures)
         publish: dict[str, Optional[str]] = {}
         installed: tuple[int, ...] = ()
         if not failures:
-            # Every SA of every key is in: peers may now send with any of them.
-            installed = keys.spis
+            # Every SA of every active key is in: peers may now send with any of them.
+            installed = active.spis
             publish[ann.IPSEC_KEYS] = ann.format_key_ids(frozenset(installed))
+            if state.retained != self.rotation.retained:
+                _save_retained(self.retained_path, state.retained)
+            if active.spis != self._last_spis:
+                log.info("ipsec keys installed=%s current=%d peers_behind=%s", ",".join(map(str, active.spis)),
+                         active.current.spi, ",".join(rotation.laggards(active, live)) or "-")
+            self.rotation, self._last_spis = state, active.spis
         return Outcome(served=result.desired.served, blocked=result.desired.blocked, failures=failures,
                        changes=len(result.changes.steps()), publish=publish, egress=dict(result.desired.egress),
-                       keys_installed=installed, summary=result.summary())
+                       keys_installed=installed, behind=rotation.laggards(active, live),
+                       wake_at=state.drop_at(self.grace), summary=result.summary())
+
+    _last_spis: tuple[int, ...] = ()
 
     def scrape(self) -> Iterable[Any]:
         from agent.ipsec.diff import owns_sa
@@ -171,6 +185,33 @@ class WireguardDatapath:
 
     def close(self) -> None:
         pass
+
+
+#: Older IPsec keys still installed (Cilium's line format), in the state dir.
+RETAINED_FILE = "ipsec-retained-keys"
+
+
+def _load_retained(path: Path) -> tuple[IpsecKey, ...]:
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return ()
+    except (OSError, UnicodeDecodeError) as e:
+        log.warning("ignoring %s: %s", path, e)
+        return ()
+    if not text.strip():
+        return ()
+    try:
+        return keyfile.parse(text).keys
+    except ConfigError as e:
+        log.warning("ignoring %s: %s", path, e)
+        return ()
+
+
+def _save_retained(path: Path, retained: tuple[IpsecKey, ...]) -> None:
+    data = "".join(keyfile.format_line(k) + "\n" for k in retained).encode("ascii")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secretfile.write(path, data, "retained IPsec keys")
 
 
 def open_datapath(config: AgentConfig) -> Datapath:

@@ -105,6 +105,8 @@ class Loop:
         self.last_outcome: Optional[Outcome] = None
         self._beat = clock()
         self._retry_at: Optional[float] = None
+        #: when the datapath asked for another pass (a rotation's old keys can go)
+        self._datapath_wake: Optional[float] = None
         self._next_resync = clock()
         self._reported: dict[str, tuple[str, ...]] = {}
 
@@ -126,7 +128,8 @@ class Loop:
             if stop.is_set():
                 return
             now = self.clock()
-            due = now >= self._next_resync or (self._retry_at is not None and now >= self._retry_at)
+            due = now >= self._next_resync or any(t is not None and now >= t
+                                                  for t in (self._retry_at, self._datapath_wake))
             if not reasons and not due and not self._expiry_due(now):
                 continue
             reasons.update(self.trigger.settle())
@@ -138,6 +141,8 @@ class Loop:
         wake = self._next_resync
         if self._retry_at is not None:
             wake = min(wake, self._retry_at)
+        if self._datapath_wake is not None:
+            wake = min(wake, self._datapath_wake)
         expiry = self.store.snapshot(self.grace).next_expiry
         if expiry is not None:
             wake = min(wake, expiry)
@@ -170,6 +175,7 @@ class Loop:
         elapsed = self.clock() - start
         self.metrics.reconcile_seconds.observe(elapsed)
         self.last_outcome = outcome
+        self._datapath_wake = outcome.wake_at
         self._record(outcome, snap.views)
         if outcome.failures:
             self.metrics.failures.labels("kernel").inc(len(outcome.failures))
@@ -232,6 +238,7 @@ class Loop:
             m.set_key_ids(m.key_age, {k: now - t for k, t in self.keys.first_seen.items()})
             m.keys_file_valid.set(0 if self.keys.error else 1)
             m.set_egress(outcome.egress)
+            m.peers_behind.set(len(outcome.behind))
 
     def _report_problems(self, views: tuple[PeerView, ...]) -> None:
         seen = {}

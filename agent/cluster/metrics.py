@@ -61,6 +61,8 @@ class Metrics:
                                  namespace=NS, subsystem="ipsec", registry=r)
         self.key_age = Gauge("key_age_seconds", "Seconds since this agent first saw each key ID", ["key_id"],
                              namespace=NS, subsystem="ipsec", registry=r)
+        self.peers_behind = Gauge("rotation_peers_behind", "Peers that do not yet advertise the current key",
+                                  namespace=NS, subsystem="ipsec", registry=r)
         self.egress_key = Gauge("peer_egress_key_id", "Key ID this node sends each peer with", ["peer"],
                                 namespace=NS, subsystem="ipsec", registry=r)
         for state in PEER_STATES:

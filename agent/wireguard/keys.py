@@ -42,7 +42,8 @@ from typing import Any, Optional
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.errors import ConfigError, KernelError
+from agent import secretfile
+from agent.errors import ConfigError
 from agent.model import KeyMaterial
 
 log = logging.getLogger(__name__)
@@ -232,26 +233,4 @@ def _write(path: Path, pair: KeyPair) -> None:
         "publicKey": pair.public_key,
         "privateKey": base64.b64encode(bytes(pair.private)).decode("ascii"),
     }
-    data = (json.dumps(doc, indent=2) + "\n").encode("ascii")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)  # left over by a crash between create and rename
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        try:
-            os.fchmod(fd, FILE_MODE)  # O_CREAT's mode is masked by the umask; be exact
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        # Retryable (disk full, read-only mount): the old file, if any, is intact.
-        raise KernelError(f"wireguard key: cannot write {path}: {e.strerror}", e.errno) from e
+    secretfile.write(path, (json.dumps(doc, indent=2) + "\n").encode("ascii"), "wireguard key")
