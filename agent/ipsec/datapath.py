@@ -120,7 +120,8 @@ def status(xfrm: Xfrm, config: PlanConfig, keys: Optional[KeySet] = None) -> dic
     """
     policies = [p for p in xfrm.dump_policies() if owns_policy(p, config)]
     counters = xfrm.dump_sa_counters()
-    owned = {(sa.dst, sa.spi) for sa in xfrm.dump_sas() if owns_sa(sa, config)}
+    owned_sas = [sa for sa in xfrm.dump_sas() if owns_sa(sa, config)]
+    owned = {(sa.dst, sa.spi) for sa in owned_sas}
     egress: dict[str, int] = {}
     egress_sas: set[tuple[Any, int]] = set()
     blocked = 0
@@ -134,6 +135,11 @@ def status(xfrm: Xfrm, config: PlanConfig, keys: Optional[KeySet] = None) -> dic
             if t.spi:
                 egress[str(t.dst)] = t.spi & 0xF
                 egress_sas.add((t.dst, t.spi))
+    installed = sorted({sa.spi & 0xF for sa in owned_sas})
+    # ESP's 32-bit sequence number wraps (the SA must be replaced) at 2^32;
+    # without ESN, warn from 2^31 on. Our own SAs always have ESN.
+    no_esn_high = sorted(f"{sa.spi:#010x}" for sa in owned_sas if not sa.esn
+                         and counters.get((sa.dst, sa.spi)) and counters[(sa.dst, sa.spi)].oseq >= 2**31)
     current = keys.current.spi if keys else (Counter(egress.values()).most_common(1)[0][0] if egress else None)
     per_node = bool(keys and keys.current.per_node)
     on_current = sum(1 for k in egress.values() if k == current)
@@ -150,6 +156,9 @@ def status(xfrm: Xfrm, config: PlanConfig, keys: Optional[KeySet] = None) -> dic
         "sas": len(owned),
         "maxSeq": max_seq,
         "errors": errors,
+        "keysInstalled": installed,
+        "peersByEgressKey": {str(k): n for k, n in sorted(Counter(egress.values()).items())},
+        "seqWarnings": no_esn_high,
     }
 
 
@@ -159,8 +168,17 @@ def status_line(s: dict[str, Any]) -> str:
         return f"Encryption: IPsec [no key in use, peers 0, blocked {s['blockedPolicies']}, errors {s['errors']}]"
     plus = "+" if s["perNodeKeys"] else ""
     blocked = f", blocked {s['blockedPolicies']}" if s["blockedPolicies"] else ""
-    return (f"Encryption: IPsec [key {s['key']}{plus}, peers {s['peersOnCurrentKey']}/{s['peers']} on key "
-            f"{s['key']}{blocked}, max seq {s['maxSeq']:#x}, errors {s['errors']}]")
+    # During a rotation: every key whose SAs are in, and the peers per egress key.
+    rotating = ""
+    if len(s.get("keysInstalled", ())) > 1:
+        by_key = " ".join(f"{k}:{n}" for k, n in s["peersByEgressKey"].items())
+        rotating = f", rotating: keys {','.join(map(str, s['keysInstalled']))} installed, egress {by_key}"
+    line = (f"Encryption: IPsec [key {s['key']}{plus}, peers {s['peersOnCurrentKey']}/{s['peers']} on key "
+            f"{s['key']}{blocked}{rotating}, max seq {s['maxSeq']:#x}, errors {s['errors']}]")
+    if s.get("seqWarnings"):
+        line += (f"\nWARNING: SAs without ESN past 2^31 packets (replace them before 2^32): "
+                 f"{', '.join(s['seqWarnings'])}")
+    return line
 
 
 # -- CLI commands (agent.cli dispatches here) -------------------------------------
