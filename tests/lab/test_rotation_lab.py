@@ -142,3 +142,28 @@ def test_two_rotations_within_the_grace_period(d: DaemonCluster) -> None:
         decrypted += 1
     assert decrypted > 0
     print(f"scapy decrypted {decrypted} post-rotation ESP packets with independently derived key-3 pair keys")
+
+
+def test_the_programs_rotation_reaches_the_nodes(d: DaemonCluster) -> None:
+    """`pulumi up` at rotation N, then N+1 (the mock engine): the Secrets reach every node; the
+    cluster ends on the key ID the program exports."""
+    import base64
+
+    from tests.components.harness import run_program, unwrap
+
+    def secret(rotation: int) -> tuple[str, int]:
+        run = run_program({"rotation": rotation})
+        assert run.error is None, run.error
+        data = unwrap(run.one("kubernetes:core/v1:Secret").inputs["data"])
+        text = base64.b64decode(data["keys"]).decode()
+        d.secrets += [part for ln in text.splitlines() for part in ln.split() if len(part) >= 32]
+        return text, int(run.stack_outputs["keyId"])
+
+    # Rotations 4 and 5 (key IDs 4+5, then 5+6): IDs the nodes have not used, so
+    # no key ID comes back with other bytes (which every agent refuses).
+    first, first_id = secret(4)
+    rotate(d, [first], final=first_id)
+    second, second_id = secret(5)
+    assert second.splitlines()[0] == first.splitlines()[-1], "the previous key must be byte-identical"
+    rotate(d, [second], final=second_id)
+    assert second_id == 6 and all(d.annotations(i)["sealnet.io/ipsec-keys"] == "6" for i in range(3))
