@@ -26,9 +26,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from lab.capture import Capture
 from lab.netns import http_get, listening_socket
 from lab.topology import API_IP, Cluster, LabNode
 from tests.fakeapi import FakeApiServer, node_object
+from lab.udpflow import Flow
 from tests.kubelet import SecretVolume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +204,25 @@ class DaemonCluster:
     def wait_ready_all(self, timeout: Optional[float] = None) -> None:
         for i in self.procs:
             self.wait_ready(i, timeout)
+
+    def restart_under_traffic(self, i: int, join: int, rate: float) -> tuple[Any, Any, float]:
+        """Kill agent ``i`` (SIGKILL) and start it again while node ``join`` registers and starts,
+        under counted UDP from node ``i``'s pod to the next node's; (capture, flow result, s to ready)."""
+        a, b = self.c.nodes[i].pods[0], self.c.nodes[(i + 1) % len(self.c.nodes)].pods[0]
+        self.register(join)
+        with Capture(self.c.underlay_ns, self.c.bridge, bpf=f"not host {API_IP}", directory=str(self.tmp)) as cap, \
+                Flow(a.ns, b.ns, str(b.ip), rate=rate) as flow:
+            time.sleep(1)
+            self.kill(i)
+            start = time.monotonic()
+            self.start(i)
+            self.start(join)
+            self.wait_ready(i)
+            restarted = time.monotonic() - start
+            self.wait_ready(join)
+            time.sleep(2)
+        assert flow.result is not None
+        return cap, flow.result, restarted
 
     def ping_all(self, count: int = 2) -> list[tuple[str, str]]:
         """Every pod pings every other pod; the (src, dst) pairs that failed."""

@@ -145,23 +145,11 @@ def _bad_keys_file_refused(d: DaemonCluster, events_before: int) -> None:
 
 
 def test_restart_under_traffic_and_join(d: DaemonCluster) -> None:
-    a, b = d.c.nodes[0].pods[0], d.c.nodes[1].pods[0]
+    a = d.c.nodes[0].pods[0]
     before = errors(d)
     with Xfrm.open(netns=d.c.nodes[0].ns) as x:
         seq_before = {k: c.oseq64 for k, c in x.dump_sa_counters().items() if c.oseq64}
-    d.register(3)
-    with underlay(d) as cap, Flow(a.ns, b.ns, str(b.ip), rate=RATE) as flow:
-        time.sleep(1)
-        d.kill(0)
-        start = time.monotonic()
-        d.start(0)
-        d.start(3)
-        d.wait_ready(0)
-        restarted = time.monotonic() - start
-        d.wait_ready(3)
-        time.sleep(2)
-    result = flow.result
-    assert result is not None
+    cap, result, restarted = d.restart_under_traffic(0, join=3, rate=RATE)
     print(f"\nagent restart under traffic: ready {restarted:.1f} s after start; {result}")
     assert result.lost == 0 and result.sent > RATE, str(result)
     summary = classify(cap.packets())

@@ -26,7 +26,6 @@ import pytest
 
 from lab.capture import Capture, classify
 from lab.topology import API_IP, Cluster
-from lab.udpflow import Flow
 from tests.agents import DaemonCluster
 from tests.wgcluster import wireguard_only
 
@@ -78,21 +77,9 @@ def test_kernel_interfaces_keys_published_and_encrypted(d: DaemonCluster) -> Non
 
 
 def test_restart_under_traffic_and_join(d: DaemonCluster) -> None:
-    a, b = d.c.nodes[0].pods[0], d.c.nodes[1].pods[0]
+    a = d.c.nodes[0].pods[0]
     before = d.c.run(d.c.nodes[0].ns, "wg", "show", d.ifname(0), "public-key").stdout
-    d.register(3)
-    with underlay(d) as cap, Flow(a.ns, b.ns, str(b.ip), rate=RATE) as flow:
-        time.sleep(1)
-        d.kill(0)
-        start = time.monotonic()
-        d.start(0)
-        d.start(3)
-        d.wait_ready(0)
-        restarted = time.monotonic() - start
-        d.wait_ready(3)
-        time.sleep(2)
-    result = flow.result
-    assert result is not None
+    cap, result, restarted = d.restart_under_traffic(0, join=3, rate=RATE)
     print(f"\nWireGuard agent restart under traffic: ready {restarted:.1f} s after start; {result}")
     assert result.lost == 0 and result.sent > RATE, str(result)
     summary = classify(cap.packets())
