@@ -152,7 +152,7 @@ def test_the_programs_rotation_reaches_the_nodes(d: DaemonCluster) -> None:
     from tests.components.harness import run_program, unwrap
 
     def secret(rotation: int) -> tuple[str, int]:
-        run = run_program({"rotation": rotation})
+        run = run_program({"rotation": rotation}, stack_file=True)  # the dev stack, as `pulumi up` runs it
         assert run.error is None, run.error
         data = unwrap(run.one("kubernetes:core/v1:Secret").inputs["data"])
         text = base64.b64decode(data["keys"]).decode()
