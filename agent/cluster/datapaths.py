@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 from agent import secretfile
 from agent.cluster import annotations as ann
@@ -219,6 +219,3 @@ def open_datapath(config: AgentConfig) -> Datapath:
         return IpsecDatapath(config)
     return WireguardDatapath(config)
 
-
-def problems_by_node(views: Sequence[PeerView]) -> Mapping[str, tuple[str, ...]]:
-    return {v.name: v.problems for v in views if v.problems}

@@ -143,13 +143,13 @@ class Loop:
             wake = min(wake, self._retry_at)
         if self._datapath_wake is not None:
             wake = min(wake, self._datapath_wake)
-        expiry = self.store.snapshot(self.grace).next_expiry
+        expiry = self.store.next_expiry(self.grace)
         if expiry is not None:
             wake = min(wake, expiry)
         return wake
 
     def _expiry_due(self, now: float) -> bool:
-        expiry = self.store.snapshot(self.grace).next_expiry
+        expiry = self.store.next_expiry(self.grace)
         return expiry is not None and now >= expiry
 
     def pass_once(self, reasons: Optional[Counter[str]] = None) -> bool:

@@ -174,6 +174,11 @@ class NodeStore:
             expiry = min((at + grace for _, at in self._deleted.values()), default=None)
             return Snapshot(views, expiry, self._version)
 
+    def next_expiry(self, grace: float) -> Optional[float]:
+        """When the next deleted Node leaves, without copying the views (the loop asks on every wake)."""
+        with self._lock:
+            return min((at + grace for _, at in self._deleted.values()), default=None)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._views)
