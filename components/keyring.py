@@ -2,6 +2,11 @@
 
 Children (parented to the component):
 
+- ``<name>-key-spec``: a :class:`components.keyspec.KeySpec` holding the key
+  size, algorithm and ICV length; its provider's check fails ``preview`` and
+  ``up`` when they differ from what the stack deployed (see that module for
+  why a key size cannot change in place). The slots depend on it, so the
+  engine touches no key before the check has passed.
 - ``<name>-slot0``, ``<name>-slot1``: ``random.RandomBytes`` with the key
   material (AES key + 4-byte salt). Their ``keepers`` come from
   :func:`components.rotation.slot_keepers`, so rotation N -> N+1 replaces
@@ -34,7 +39,8 @@ import pulumi_kubernetes as k8s
 import pulumi_random as random
 
 from components import render
-from components.rotation import SLOTS, RotationConfig, keys_entry, slot_keepers
+from components.keyspec import KeySpec, KeySpecArgs
+from components.rotation import AEAD_ALGORITHM, ICV_BITS, SLOTS, RotationConfig, keys_entry, slot_keepers
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class Keyring(pulumi.ComponentResource):
     secret_name: pulumi.Output[str]
     #: The keys entry text; secret.
     keys: pulumi.Output[str]
+    #: The guard that refuses a changed key size, algorithm or ICV length.
+    key_spec: KeySpec
     slots: tuple[random.RandomBytes, ...]
     secret: k8s.core.v1.Secret
 
@@ -67,12 +75,18 @@ class Keyring(pulumi.ComponentResource):
         child_opts = pulumi.ResourceOptions(parent=self)
         schedule = args.rotation
 
+        self.key_spec = KeySpec(
+            f"{name}-key-spec", KeySpecArgs(schedule.key_bits, AEAD_ALGORITHM, ICV_BITS), child_opts
+        )
+        # A changed key length would replace both slots (length is a
+        # RandomBytes input); the key spec's check refuses it first.
+        slot_opts = pulumi.ResourceOptions.merge(child_opts, pulumi.ResourceOptions(depends_on=[self.key_spec]))
         self.slots = tuple(
             random.RandomBytes(
                 f"{name}-slot{slot}",
                 length=schedule.key_length,
                 keepers=slot_keepers(schedule.rotation, slot),
-                opts=child_opts,
+                opts=slot_opts,
             )
             for slot in range(SLOTS)
         )

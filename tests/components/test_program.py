@@ -26,6 +26,7 @@ AGENT = "sealnet:index:NodeAgent"
 CILIUM = "sealnet:index:Cilium"
 RANDOM = "random:index/randomBytes:RandomBytes"
 SECRET = "kubernetes:core/v1:Secret"
+KEY_SPEC = "pulumi-python:dynamic/sealnet:KeySpec"
 AGENT_CHILDREN = [
     ("kubernetes:core/v1:ServiceAccount", "sealnet-agent-sa"),
     ("kubernetes:rbac.authorization.k8s.io/v1:ClusterRole", "sealnet-agent-role"),
@@ -33,7 +34,12 @@ AGENT_CHILDREN = [
     ("kubernetes:core/v1:ConfigMap", "sealnet-agent-config"),
     ("kubernetes:apps/v1:DaemonSet", "sealnet-agent-ds"),
 ]
-KEYRING_CHILDREN = [(RANDOM, "sealnet-keys-slot0"), (RANDOM, "sealnet-keys-slot1"), (SECRET, "sealnet-keys-secret")]
+KEYRING_CHILDREN = [
+    (KEY_SPEC, "sealnet-keys-key-spec"),
+    (RANDOM, "sealnet-keys-slot0"),
+    (RANDOM, "sealnet-keys-slot1"),
+    (SECRET, "sealnet-keys-secret"),
+]
 
 # mode/settings -> {(type, name): parent name}; "" is the root Stack.
 EXPECTED_GRAPHS: dict[str, tuple[dict[str, Any], dict[tuple[str, str], str]]] = {
