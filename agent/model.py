@@ -60,6 +60,8 @@ class Node:
     pod_cidrs: tuple[IPNetwork, ...]
     boot_id: Optional[str] = None
     wireguard_public_key: Optional[str] = None
+    #: the UDP port of that key's interface; None = the cluster's port
+    wireguard_port: Optional[int] = None
 
     @property
     def ip(self) -> IPAddress:

@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Collection, Iterable, Optional, Union
 
 from scapy.layers.inet import IP, UDP  # type: ignore[import-untyped]
 from scapy.layers.inet6 import (  # type: ignore[import-untyped]
@@ -58,6 +58,9 @@ from scapy.utils import rdpcap  # type: ignore[import-untyped]
 from lab.topology import POD_SUPERNET, UNDERLAY
 
 WIREGUARD_PORT = 51871
+#: sealnet's WireGuard ports: the interface's and, during a key epoch
+#: rotation, the second interface's (port + 1; agent.wireguard.epochs).
+WIREGUARD_PORTS = (WIREGUARD_PORT, WIREGUARD_PORT + 1)
 
 
 class Capture:
@@ -299,7 +302,7 @@ def _is_pod(address: str, pod_net: ipaddress.IPv4Network, pod_net6: Optional[ipa
 def classify(
     packets: Iterable[ScapyPacket],
     pod_net: ipaddress.IPv4Network = POD_SUPERNET,
-    wireguard_port: int = WIREGUARD_PORT,
+    wireguard_ports: Collection[int] = WIREGUARD_PORTS,
     *,
     pod_net6: Optional[ipaddress.IPv6Network] = None,
     node_net: ipaddress.IPv4Network = UNDERLAY,
@@ -330,7 +333,7 @@ def classify(
             seen = Seen("control", outer.src, outer.dst, proto=proto, detail=detail)
         elif esp is not None:
             seen = Seen("esp", outer.src, outer.dst, spi=esp.spi, seq=esp.seq, proto=proto)
-        elif udp is not None and wireguard_port in (udp.sport, udp.dport):
+        elif udp is not None and (udp.sport in wireguard_ports or udp.dport in wireguard_ports):
             seen = Seen("wireguard", outer.src, outer.dst, proto=proto)
         else:
             seen = Seen("other", outer.src, outer.dst, proto=proto)

@@ -32,10 +32,12 @@ from lab.topology import API_IP, Cluster, LabNode
 from tests.fakeapi import FakeApiServer, node_object
 from lab.udpflow import Flow
 from tests.kubelet import SecretVolume
+from agent.wireguard.epochs import slot_names
 
 REPO = Path(__file__).resolve().parents[1]
 HEALTH_PORT, METRICS_PORT = 9879, 9878
 API_PORT = 6443
+WG_PORT = 51871
 #: A new agent process: a second on the host; in the lab VM (TCG, the
 #: checkout over 9p) its imports alone can take a minute or two.
 START_TIMEOUT = 400.0 if os.environ.get("SEALNET_IN_LAB") == "1" else 30.0
@@ -49,6 +51,8 @@ class DaemonCluster:
         self.c, self.tmp, self.mode = cluster, tmp, mode
         self.node_encryption, self.resync, self.grace, self.backend = node_encryption, resync, grace, backend
         self.rotation_grace = rotation_grace
+        #: WireGuard key epoch per node, written into its config at each start
+        self.epochs = [0] * len(cluster.nodes)
         self.secrets = list(secrets)
         self.api = FakeApiServer(sock=listening_socket(cluster.underlay_ns, str(API_IP), API_PORT))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -68,7 +72,8 @@ class DaemonCluster:
             self.kill(i)
         if self.mode == "wireguard":
             for i, node in enumerate(self.c.nodes):
-                self.c.run(node.ns, "ip", "link", "del", self.ifname(i), check=False)
+                for name in self.ifnames(i):
+                    self.c.run(node.ns, "ip", "link", "del", name, check=False)
         self.api.stop()
         keep = os.environ.get("SEALNET_LAB_RESULTS")
         for i, node in enumerate(self.c.nodes):
@@ -83,6 +88,10 @@ class DaemonCluster:
         # wireguard-go's UAPI sockets share one directory per host: names must differ.
         return f"sw{self.c.name}{i + 1}"
 
+    def ifnames(self, i: int) -> tuple[str, str]:
+        """Both interfaces of a key epoch rotation (agent.wireguard.epochs.slot_names)."""
+        return tuple(name for name, _ in slot_names(self.ifname(i), WG_PORT))  # type: ignore[return-value]
+
     def config(self, i: int) -> dict[str, Any]:
         return {
             "mode": self.mode, "nodeEncryption": self.node_encryption, "perNodeKeys": True, "spiPrefix": 5,
@@ -90,7 +99,8 @@ class DaemonCluster:
             "healthPort": HEALTH_PORT, "stateDir": str(self.dirs[i] / "state"),
             "keysFile": str(self.volumes[i].path("keys")) if self.mode == "ipsec" else None,
             "allowKeyRegeneration": False, "resyncPeriod": self.resync, "nodeGracePeriod": self.grace,
-            "wireguard": {"interface": self.ifname(i), "port": 51871, "keyEpoch": 0, "backend": self.backend},
+            "wireguard": {"interface": self.ifname(i), "port": WG_PORT, "keyEpoch": self.epochs[i],
+                          "backend": self.backend},
         }
 
     def write_keys(self, text: str, nodes: Optional[Sequence[int]] = None) -> None:

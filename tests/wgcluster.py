@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence, Union
 
 from agent.kernel.wguapi import daemon_pids
 from agent.wireguard.keys import KEY_FILE
-from lab.capture import Capture, classify
+from lab.capture import WIREGUARD_PORTS, Capture, classify
 from lab.topology import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,7 +256,9 @@ def wireguard_only(summary: Any, node_ips: set[str]) -> list[str]:
 
     The kernel's own link-local control packets (IGMP, MLD, Neighbor
     Discovery: kind ``control``, see lab.capture) carry no payload and are
-    no problem; anything else that is not WireGuard is.
+    no problem; anything else that is not WireGuard is. WireGuard is node to
+    node, port to the same port: 51871, or 51872 for the second interface of
+    a key epoch rotation.
     """
     problems = []
     for seen, raw in zip(summary.packets, summary.raw):
@@ -266,7 +268,7 @@ def wireguard_only(summary: Any, node_ips: set[str]) -> list[str]:
             problems.append(f"{seen.kind} {seen.src} -> {seen.dst} proto {seen.proto}")
             continue
         udp = raw["UDP"]
-        if {seen.src, seen.dst} - node_ips or (udp.sport, udp.dport) != (PORT, PORT):
+        if {seen.src, seen.dst} - node_ips or udp.sport not in WIREGUARD_PORTS or udp.dport != udp.sport:
             problems.append(f"wireguard with unexpected ends {seen.src}:{udp.sport} -> {seen.dst}:{udp.dport}")
     return problems
 

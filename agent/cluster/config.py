@@ -87,9 +87,14 @@ def parse(doc: Any) -> AgentConfig:
         key_epoch=_integer("wireguard.keyEpoch", wg["keyEpoch"], 0, 2**31 - 1),
         backend=_choice("wireguard.backend", wg.get("backend", "auto"), BACKENDS),
     )
-    if mode == "wireguard" and wireguard.port in (metrics, health):
-        raise ConfigError(f"config.wireguard.port: {wireguard.port} is also metricsPort or healthPort "
-                          f"(UDP and TCP may share a number, but keep them apart to avoid confusion)")
+    if mode == "wireguard" and {wireguard.port, wireguard.port + 1} & {metrics, health}:
+        raise ConfigError(f"config.wireguard.port: {wireguard.port} or the rotation interface's {wireguard.port + 1} "
+                          f"is also metricsPort or healthPort (UDP and TCP may share a number, but keep them "
+                          f"apart to avoid confusion)")
+    if mode == "wireguard":
+        from agent.wireguard.epochs import slot_names
+
+        slot_names(wireguard.interface, wireguard.port)  # names the field if no second interface fits
     state_dir = doc["stateDir"]
     if not isinstance(state_dir, str) or not state_dir.startswith("/"):
         raise ConfigError(f"config.stateDir: must be an absolute path, got {state_dir!r}")

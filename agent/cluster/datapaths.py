@@ -141,47 +141,110 @@ class IpsecDatapath:
 
 
 class WireguardDatapath:
-    mode = "wireguard"
+    """Both interfaces of a key epoch rotation (agent.wireguard.epochs) behind the loop.
 
-    def __init__(self, config: AgentConfig) -> None:
+    The previous interface goes once every live peer's routes are on the
+    current one and have stayed there ``rotationGracePeriod`` s; while peers
+    wait for their first handshake on the new interface the loop is woken
+    every POLL s to move them as soon as it succeeds."""
+
+    mode = "wireguard"
+    #: s between passes while a peer's handshake on the new interface is awaited
+    POLL = 0.25
+
+    def __init__(self, config: AgentConfig, clock: Any = time.monotonic) -> None:
         from agent.wireguard.plan import Settings
 
         self.config = config
         self.settings = Settings(interface=config.wireguard.interface, port=config.wireguard.port,
                                  node_encryption=config.node_encryption)
+        self.clock = clock
         self._names: dict[str, str] = {}
+        self._interfaces: tuple[str, ...] = (config.wireguard.interface,)
+        self._moved_at: Optional[float] = None  # when the last peer moved to the current interface
+        self._rotation: dict[str, Any] = {}
 
     def reconcile(self, local: Node, views: Sequence[PeerView], keys: Optional[KeySet]) -> Outcome:
-        from agent.wireguard.datapath import apply
+        from agent.wireguard.datapath import apply_ring
 
-        nodes = [v.node for v in views if v.node is not None]
-        self._names = {n.wireguard_public_key: n.name for n in nodes if n.wireguard_public_key}
-        report = apply(local.name, nodes, self.settings, self.config.state_dir, self.config.wireguard.backend,
-                       epoch=self.config.wireguard.key_epoch,
-                       allow_regeneration=self.config.allow_key_regeneration)
-        rejected = tuple((r.split(":", 1)[0], r.split(":", 1)[-1].strip()) for r in report.rejected)
-        served = tuple(v.name for v in views if v.node is not None and v.name != local.name
-                       and v.name not in {name for name, _ in rejected})
-        changes = (report.peers_added + report.peers_updated + report.peers_removed + report.routes_added
-                   + report.routes_removed + report.rules_added + report.rules_removed + len(report.device_changed))
-        return Outcome(served=served, blocked=rejected, changes=changes, summary=report.summary(), publish={
-            ann.WIREGUARD_PUBLIC_KEY: report.public_key,
-            ann.WIREGUARD_KEY_EPOCH: str(self.config.wireguard.key_epoch),
-        })
+        live = [v for v in views if v.node is not None]
+        self._names = {k.public_key: v.name for v in live for k in v.wireguard_keys}
+        now = self.clock()
+        retire = self._moved_at is not None and now - self._moved_at >= self.config.rotation_grace_period
+        result = apply_ring(local.name, [(v.node, v.wireguard_keys) for v in live if v.node is not None],
+                            self.settings, self.config.state_dir, self.config.wireguard.backend,
+                            epoch=self.config.wireguard.key_epoch,
+                            allow_regeneration=self.config.allow_key_regeneration, retire=retire)
+        plan, current, previous = result.plan, result.current, result.previous
+        if result.retired:
+            previous = None
+        # Deleted Nodes (within nodeGracePeriod) do not hold a rotation open.
+        deleted = {v.name for v in views if v.deleted}
+        behind = tuple(n for n in plan.behind if n not in deleted)
+        wake_at: Optional[float] = None
+        if previous is None:
+            self._moved_at = None
+        elif behind:
+            self._moved_at = None
+            if any(n not in deleted for n in plan.pending):
+                wake_at = now + self.POLL
+        else:
+            if self._moved_at is None:
+                self._moved_at = now
+                log.info("wireguard rotation: every peer on %s (epoch %d); %s goes in %g s", current.interface,
+                         current.epoch, previous.interface, self.config.rotation_grace_period)
+            wake_at = self._moved_at + self.config.rotation_grace_period
+        if result.ring.waiting is not None:
+            log.warning("wireguard key epoch %d waits: the rotation %d -> %d has not finished (peers on %s: %s)",
+                        result.ring.waiting, previous.epoch if previous else -1, current.epoch,
+                        previous.interface if previous else "-", ",".join(behind) or "-")
+        self._interfaces = (current.interface,) + ((previous.interface,) if previous else ())
+        epoch_of = {current.interface: current.epoch, **({previous.interface: previous.epoch} if previous else {})}
+        self._rotation = {"behind": behind, "waiting": result.ring.waiting, "current": current,
+                          "previous": previous,
+                          "egress": {n: epoch_of.get(dev, current.epoch) for n, dev in plan.egress.items()}}
+        rejected = tuple((r.node, r.reason) for r in plan.rejected)
+        served = tuple(sorted(plan.egress))
+        changes = sum(r.peers_added + r.peers_updated + r.peers_removed + r.routes_added + r.routes_removed
+                      + r.rules_added + r.rules_removed + len(r.device_changed) for r in result.reports)
+        publish: dict[str, Optional[str]] = {
+            ann.WIREGUARD_PUBLIC_KEY: current.public_key,
+            ann.WIREGUARD_KEY_EPOCH: str(current.epoch),
+            ann.WIREGUARD_PORT: str(current.port),
+            ann.WIREGUARD_PREVIOUS: (ann.format_previous(previous.epoch, previous.port, previous.public_key)
+                                     if previous is not None else None),
+        }
+        return Outcome(served=served, blocked=rejected, failures=tuple(result.failures), changes=changes,
+                       summary=result.summary(), publish=publish, behind=behind, wake_at=wake_at)
 
     def scrape(self) -> Iterable[Any]:
         from agent.wireguard.datapath import status
 
-        st = status(self.settings.interface)
-        ages = []
-        for peer in st.get("peerList", []):
-            age = peer.get("latestHandshakeSecondsAgo")
-            name = self._names.get(peer["publicKey"], peer["publicKey"])
-            ages.append(([name], float(age) if age is not None else float("nan")))
+        ages, counts = [], []
+        for interface in self._interfaces:
+            st = status(interface)
+            counts.append(([interface], float(st.get("peers", 0))))
+            for peer in st.get("peerList", []):
+                age = peer.get("latestHandshakeSecondsAgo")
+                name = self._names.get(peer["publicKey"], peer["publicKey"])
+                ages.append(([interface, name], float(age) if age is not None else float("nan")))
         yield gauge_family("wireguard_handshake_age_seconds",
-                           "Seconds since the latest handshake with each peer (NaN: none yet)", ["peer"], ages)
-        yield gauge_family("wireguard_peers", "Peers configured on the interface", [],
-                           [([], float(st.get("peers", 0)))])
+                           "Seconds since the latest handshake with each peer (NaN: none yet)",
+                           ["interface", "peer"], ages)
+        yield gauge_family("wireguard_peers", "Peers configured on each interface", ["interface"], counts)
+        rot = self._rotation
+        if rot:
+            epochs = [([rot["current"].interface, "current"], float(rot["current"].epoch))]
+            if rot["previous"] is not None:
+                epochs.append(([rot["previous"].interface, "previous"], float(rot["previous"].epoch)))
+            yield gauge_family("wireguard_key_epoch", "Key epoch of each interface's key pair",
+                               ["interface", "role"], epochs)
+            yield gauge_family("wireguard_peer_egress_epoch",
+                               "Key epoch of the interface each peer's routes use", ["peer"],
+                               (([n], float(e)) for n, e in sorted(rot["egress"].items())))
+            yield gauge_family("wireguard_rotation_peers_behind",
+                               "Peers still reached through the previous key's interface", [],
+                               [([], float(len(rot["behind"])))])
 
     def close(self) -> None:
         pass

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from agent.cluster import annotations as ann
 from agent.model import IPAddress, IPNetwork, Node
+from agent.wireguard.epochs import PeerKey
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class PeerView:
     annotations: Mapping[str, str] = field(default_factory=dict)
     #: key IDs the Node advertises as installed inbound; None if it says nothing
     ipsec_keys: Optional[frozenset[int]] = None
+    #: WireGuard keys it advertises, current first (a rotation adds the previous one)
+    wireguard_keys: tuple[PeerKey, ...] = ()
     problems: tuple[str, ...] = ()
     deleted: bool = False
 
@@ -61,14 +64,17 @@ def translate(obj: Any) -> PeerView:
     key_ids, problem = ann.parse_key_ids(ours.get(ann.IPSEC_KEYS))
     if problem:
         problems.append(problem)
+    wg_keys, wg_problems = ann.parse_wireguard(ours)
+    problems += wg_problems
     node = None
     if ips:
         node = Node(name=name, ips=tuple(ips), pod_cidrs=tuple(cidrs), boot_id=boot_id,
-                    wireguard_public_key=ours.get(ann.WIREGUARD_PUBLIC_KEY))
+                    wireguard_public_key=ours.get(ann.WIREGUARD_PUBLIC_KEY),
+                    wireguard_port=wg_keys[0].port if ann.WIREGUARD_PUBLIC_KEY in ours else None)
     else:
         problems.append("no usable InternalIP in status.addresses: cannot be a peer")
     return PeerView(name=name, node=node, uid=str(meta.uid or ""), annotations=ours, ipsec_keys=key_ids,
-                    problems=tuple(problems))
+                    wireguard_keys=wg_keys, problems=tuple(problems))
 
 
 def _ips(name: str, addresses: Iterable[Any], problems: list[str]) -> list[IPAddress]:

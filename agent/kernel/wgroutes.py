@@ -10,6 +10,12 @@ as ours, changed or removed::
         rules = routing.rules(table=51871, priority=871)
         failures = routing.apply(idx, add_routes, del_routes, add_rules, del_rules)
 
+One device (an ifindex) or several: during a WireGuard key rotation the
+peers' routes are spread over two interfaces, ``{ifindex: name}`` for
+reading and ``{name: ifindex}`` for writing, and a route names its device
+in ``Route.dev`` ("" = the one device given). Moving a route to the other
+device is one replace, never a delete and an add.
+
 Reading: one dump of our table alone. With NETLINK_GET_STRICT_CHK the
 kernel filters the dump by RTA_TABLE and rtm_protocol (Linux >= 4.20), so a
 node with a large main table or many CNI tables costs nothing here; the
@@ -37,7 +43,7 @@ import os
 import select
 import socket
 import struct
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from agent.errors import KernelError
 from agent.kernel.nlbatch import NETLINK_CAP_ACK, REPLY_TIMEOUT, extack
@@ -76,20 +82,25 @@ _I32 = struct.Struct("=i")
 _SEQ = struct.Struct("=I")  # nlmsg_seq, at offset 8 of the header
 _FLAGS = struct.Struct("=H")  # nlmsg_flags, at offset 6
 
-#: (IP version, destination address bytes, prefix length, metric, rtm_type, preferred source bytes or None)
-RouteKey = tuple[int, bytes, int, int, int, Optional[bytes]]
+#: (IP version, destination address bytes, prefix length, metric, rtm_type, preferred source bytes or None,
+#: device name: "" for unreachable routes and in single-device use)
+RouteKey = tuple[int, bytes, int, int, int, Optional[bytes], str]
+#: ifindex -> device name (reading), device name -> ifindex (writing); a bare ifindex is {ifindex: ""}
+Devices = Union[int, Mapping[int, str]]
+DeviceIndexes = Union[int, Mapping[str, int]]
 
 
 def route_key(route: Route) -> RouteKey:
     """A route as the kernel's dump describes it: what :meth:`Routing.routes` returns."""
+    unicast = route.type == "unicast"
     return (route.dst.version, route.dst.network_address.packed, route.dst.prefixlen, route.metric,
-            _TYPE[route.type], route.src.packed if route.src is not None else None)
+            _TYPE[route.type], route.src.packed if route.src is not None else None, route.dev if unicast else "")
 
 
 def route_of_key(key: RouteKey, table: int) -> Route:
-    version, dst, dst_len, metric, rtype, src = key
+    version, dst, dst_len, metric, rtype, src, dev = key
     return Route(ipaddress.ip_network((ipaddress.ip_address(dst), dst_len)), table, _TYPE_NAME[rtype],  # type: ignore[arg-type]
-                 ipaddress.ip_address(src) if src is not None else None, metric)
+                 ipaddress.ip_address(src) if src is not None else None, metric, dev)
 
 
 def _attrs(data: bytes, pos: int, end: int) -> dict[int, bytes]:
@@ -149,11 +160,12 @@ class Routing:
 
     # -- read ------------------------------------------------------------------
 
-    def routes(self, table: int, ifindex: int) -> set[RouteKey]:
+    def routes(self, table: int, ifindex: Devices) -> set[RouteKey]:
         """Our routes in ``table`` as :func:`route_key` tuples.
 
-        A unicast route of ours through another device does not count as
-        present: the diff adds the right one, which replaces it."""
+        A unicast route of ours through a device not in ``ifindex`` does not
+        count as present: the diff adds the right one, which replaces it."""
+        devices = {ifindex: ""} if isinstance(ifindex, int) else ifindex
         # rtm_table 0 with RTA_TABLE: the table filter; rtm_protocol: the protocol filter.
         body = _RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, self.protocol, 0, 0, 0) + _u32(RTA_TABLE, table)
         found: set[RouteKey] = set()
@@ -184,12 +196,15 @@ class Routing:
                 pos += (alen + 3) & ~3
             if rtm_table != table or dst is None:  # another table (unfiltered dump), or a default route: never ours
                 continue
+            dev = ""
             if rtype == RTN_UNICAST:
-                if oif != ifindex:
+                name = devices.get(oif)
+                if name is None:
                     continue
+                dev = name
             else:
                 src = None
-            found.add((_VERSION[family], dst, dst_len, metric, rtype, src))
+            found.add((_VERSION[family], dst, dst_len, metric, rtype, src, dev))
         return found
 
     def rules(self, table: int, priority: int) -> set[Rule]:
@@ -217,7 +232,7 @@ class Routing:
             ))
         return found
 
-    def read(self, table: int, ifindex: int, priority: int) -> tuple[set[Route], set[Rule]]:
+    def read(self, table: int, ifindex: Devices, priority: int) -> tuple[set[Route], set[Rule]]:
         """Routes as Route objects and rules: for tools and tests; reconcile compares keys."""
         return {route_of_key(k, table) for k in self.routes(table, ifindex)}, self.rules(table, priority)
 
@@ -315,7 +330,7 @@ class Routing:
 
     # -- write -----------------------------------------------------------------
 
-    def apply(self, ifindex: int, add_routes: Iterable[Route], del_routes: Iterable[Route],
+    def apply(self, ifindex: DeviceIndexes, add_routes: Iterable[Route], del_routes: Iterable[Route],
               add_rules: Iterable[Rule], del_rules: Iterable[Rule]) -> list[str]:
         """Add (replace) and delete, in this order: route adds, rule adds,
         rule deletes, route deletes. One line per failure, [] when all applied."""
@@ -345,10 +360,11 @@ class Routing:
                 failures.append(_error(f"{verb} {what}", code, text))
         return failures
 
-    def _new_route(self, ifindex: int) -> Callable[[Route], bytes]:
-        """The RTM_NEWROUTE encoder for routes through ``ifindex``."""
+    def _new_route(self, ifindex: DeviceIndexes) -> Callable[[Route], bytes]:
+        """The RTM_NEWROUTE encoder for routes through ``ifindex`` (by ``Route.dev``)."""
         heads: dict[tuple[int, int, bool, int], bytes] = {}
-        oif = _u32(RTA_OIF, ifindex)
+        oifs = {name: _u32(RTA_OIF, index)
+                for name, index in ({"": ifindex} if isinstance(ifindex, int) else ifindex).items()}
 
         def encode(route: Route) -> bytes:
             dst = route.dst
@@ -361,6 +377,10 @@ class Routing:
                 head = heads[shape] = self._route_head(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, route)
             tail = _nla(RTA_DST, dst.network_address.packed) + _u32(RTA_PRIORITY, route.metric)
             if unicast:
+                oif = oifs.get(route.dev)
+                if oif is None:
+                    raise KernelError(f"route {_describe(route)}: device {route.dev or '(default)'} is not one of "
+                                      f"{', '.join(n or '(default)' for n in oifs)}")
                 tail += oif
                 if route.src is not None:
                     tail += _nla(RTA_PREFSRC, route.src.packed)
@@ -415,7 +435,8 @@ def describe_rule(rule: Rule) -> str:
 
 def _describe(route: Route) -> str:
     src = f" src {route.src}" if route.src else ""
-    return f"{route.type} {route.dst} table {route.table}{src} metric {route.metric}"
+    dev = f" dev {route.dev}" if route.dev and route.type == "unicast" else ""
+    return f"{route.type} {route.dst}{dev} table {route.table}{src} metric {route.metric}"
 
 
 def _order(route: Route) -> tuple[int, int, int, int]:

@@ -184,6 +184,8 @@ def uapi_peer(change: PeerChange) -> str:
             lines.append("update_only=true")
         if change.endpoint is not None:
             lines.append(f"endpoint={format_endpoint(change.endpoint)}")
+        if change.keepalive is not None:
+            lines.append(f"persistent_keepalive_interval={change.keepalive}")
         if change.allowed_ips is not None:
             lines.append("replace_allowed_ips=true")
             lines.extend(f"allowed_ip={n}" for n in change.allowed_ips)
@@ -203,11 +205,11 @@ def parse_get(text: str, ifname: str) -> DeviceState:
     key: Optional[str] = None
     endpoint: Optional[Endpoint] = None
     allowed: list[IPNetwork] = []
-    sec = nsec = rx = tx = 0
+    sec = nsec = rx = tx = keepalive = 0
 
     def close() -> None:
         if key is not None:
-            peers[key] = PeerState(key, endpoint, frozenset(allowed), sec + nsec / 1e9, rx, tx)
+            peers[key] = PeerState(key, endpoint, frozenset(allowed), sec + nsec / 1e9, rx, tx, keepalive)
 
     for line in text.split("\n"):
         if line[:3] in _SKIP:
@@ -218,7 +220,7 @@ def parse_get(text: str, ifname: str) -> DeviceState:
         elif name == "public_key":
             close()
             key = _base64_of_hex(value)
-            endpoint, allowed, sec, nsec, rx, tx = None, [], 0, 0, 0, 0
+            endpoint, allowed, sec, nsec, rx, tx, keepalive = None, [], 0, 0, 0, 0, 0
         elif name == "endpoint":
             endpoint = parse_endpoint(value)
         elif name == "last_handshake_time_sec":
@@ -229,6 +231,8 @@ def parse_get(text: str, ifname: str) -> DeviceState:
             rx = int(value)
         elif name == "tx_bytes":
             tx = int(value)
+        elif name == "persistent_keepalive_interval":
+            keepalive = int(value)
         elif key is not None:
             continue  # a peer line we do not use
         elif name == "private_key":
@@ -241,8 +245,8 @@ def parse_get(text: str, ifname: str) -> DeviceState:
     return DeviceState("userspace", ifname, public, port, fwmark, peers)
 
 
-#: Starts of the lines never used: preshared_key, protocol_version, persistent_keepalive_interval, errno, "".
-_SKIP = frozenset(("pre", "pro", "per", "err", ""))
+#: Starts of the lines never used: preshared_key, protocol_version, errno, "".
+_SKIP = frozenset(("pre", "pro", "err", ""))
 _MEMO_MAX = 1 << 17
 _networks: dict[str, IPNetwork] = {}
 _endpoints: dict[str, Endpoint] = {}

@@ -257,6 +257,8 @@ def _peer_attrs(change: PeerChange) -> bytes:
             out += _attr(WGPEER_A_ENDPOINT, _SOCKADDR_IN.pack(socket.AF_INET, _BE16.pack(port), ip.packed))
         else:
             out += _attr(WGPEER_A_ENDPOINT, _SOCKADDR_IN6.pack(socket.AF_INET6, _BE16.pack(port), 0, ip.packed, 0))
+    if change.keepalive is not None:
+        out += _attr(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, _U16.pack(change.keepalive))
     if change.allowed_ips is not None:
         out += _attr(NLA_F_NESTED | WGPEER_A_ALLOWEDIPS, b"".join(
             _attr(NLA_F_NESTED | i, _attr(WGALLOWEDIP_A_FAMILY, _U16.pack(socket.AF_INET if n.version == 4
@@ -299,7 +301,8 @@ def _ack(sock: Any, seq: int) -> int:
 # -- WG_CMD_GET_DEVICE answers -------------------------------------------------
 
 WGDEVICE_A_PUBLIC_KEY, WGDEVICE_A_LISTEN_PORT, WGDEVICE_A_FWMARK, WGDEVICE_A_PEERS = 4, 6, 7, 8
-WGPEER_A_PUBLIC_KEY, WGPEER_A_ENDPOINT, WGPEER_A_LAST_HANDSHAKE_TIME = 1, 4, 6
+WGPEER_A_PUBLIC_KEY, WGPEER_A_ENDPOINT, WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL = 1, 4, 5
+WGPEER_A_LAST_HANDSHAKE_TIME = 6
 WGPEER_A_RX_BYTES, WGPEER_A_TX_BYTES, WGPEER_A_ALLOWEDIPS = 7, 8, 9
 WGALLOWEDIP_A_FAMILY, WGALLOWEDIP_A_IPADDR, WGALLOWEDIP_A_CIDR_MASK = 1, 2, 3
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
@@ -337,7 +340,7 @@ def parse_get_device(messages: Iterable[bytes], ifname: str) -> DeviceState:
     skipped, never read."""
     public: Optional[str] = None
     port = fwmark = 0
-    peers: dict[str, list[Any]] = {}  # key -> [endpoint, allowed IPs, handshake, rx, tx]
+    peers: dict[str, list[Any]] = {}  # key -> [endpoint, allowed IPs, handshake, rx, tx, keepalive]
     for data in messages:
         for atype, start, end in _nlas(data, GENL_HEADER, len(data)):
             if atype == WGDEVICE_A_PEERS:
@@ -350,7 +353,7 @@ def parse_get_device(messages: Iterable[bytes], ifname: str) -> DeviceState:
             elif atype == WGDEVICE_A_FWMARK:
                 fwmark = _U32.unpack_from(data, start)[0]
     return DeviceState("kernel", ifname, public, port, fwmark, {
-        k: PeerState(k, v[0], frozenset(v[1]), v[2], v[3], v[4]) for k, v in peers.items()
+        k: PeerState(k, v[0], frozenset(v[1]), v[2], v[3], v[4], v[5]) for k, v in peers.items()
     })
 
 
@@ -362,7 +365,7 @@ def _peer(data: bytes, pos: int, end: int, peers: dict[str, list[Any]]) -> None:
     key = _key_of(data[span[0]:span[1]])
     entry = peers.get(key)
     if entry is None:
-        entry = peers[key] = [None, set(), 0.0, 0, 0]
+        entry = peers[key] = [None, set(), 0.0, 0, 0, 0]
     span = attrs.get(WGPEER_A_ENDPOINT)
     if span is not None:
         endpoint = _endpoint(data[span[0]:span[1]])
@@ -372,6 +375,9 @@ def _peer(data: bytes, pos: int, end: int, peers: dict[str, list[Any]]) -> None:
     if span is not None and span[1] - span[0] >= 16:
         sec, nsec = _TIMESPEC.unpack_from(data, span[0])
         entry[2] = sec + nsec / 1e9
+    span = attrs.get(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL)
+    if span is not None:
+        entry[5] = _U16.unpack_from(data, span[0])[0]
     span = attrs.get(WGPEER_A_RX_BYTES)
     if span is not None:
         entry[3] = _U64.unpack_from(data, span[0])[0]

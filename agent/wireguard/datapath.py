@@ -23,17 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from agent import nodesfile
 from agent.wireguard import keys as wgkeys
 from agent.errors import ConfigError, KernelError
 from agent.model import KeyMaterial, Node
-from agent.wireguard.plan import InterfaceConfig, PeerFailure, Settings, diff_peers, find_local, plan
+from agent.wireguard.epochs import PeerKey, RingPlan, Slot, plan_ring, slot_names
+from agent.wireguard.plan import InterfaceConfig, PeerFailure, Route, Rule, Settings, diff_peers, find_local, plan
 
 if TYPE_CHECKING:
     from agent.kernel.wireguard import Backend
@@ -107,8 +109,14 @@ def apply(local_name: str, nodes: Sequence[Node], settings: Settings, state_dir:
 def reconcile(config: InterfaceConfig, private: KeyMaterial, dev: "Backend", ipr: Any,
               created: bool = False) -> Report:
     """Make the device, its link, routes and rules match ``config``; minimal changes only."""
-    from agent.kernel.wgroutes import Routing, describe_rule, diff_routes
+    report, ifindex = _reconcile_device(config, private, dev, ipr, created)
+    _reconcile_routing(ipr, config.routes, config.rules, config.table, config.rule_priority, ifindex, report)
+    return report
 
+
+def _reconcile_device(config: InterfaceConfig, private: KeyMaterial, dev: "Backend", ipr: Any,
+                      created: bool) -> tuple[Report, int]:
+    """The device, its link and its peers (not routes); (report, ifindex)."""
     report = Report(config.interface, dev.name, created, config.public_key, peers=len(config.peers),
                     rejected=[f"{r.node}: {r.reason}" for r in config.rejected])
     index = ipr.link_lookup(ifname=config.interface)
@@ -147,25 +155,135 @@ def reconcile(config: InterfaceConfig, private: KeyMaterial, dev: "Backend", ipr
         else:
             report.peers_removed += 1
         if verbose:
-            log.info("wireguard peer %s node=%s public_key=%s allowed_ips=%s", c.op, c.node or "-", c.public_key,
-                     ",".join(map(str, c.allowed_ips)) if c.allowed_ips is not None else "unchanged")
+            log.info("wireguard peer %s interface=%s node=%s public_key=%s allowed_ips=%s%s", c.op,
+                     config.interface, c.node or "-", c.public_key,
+                     ",".join(map(str, c.allowed_ips)) if c.allowed_ips is not None else "unchanged",
+                     f" keepalive={c.keepalive}" if c.keepalive is not None else "")
     report.failures += [f.describe() for f in failures]
+    return report, ifindex
 
+
+def _reconcile_routing(ipr: Any, routes: frozenset[Route], rules: frozenset[Rule], table: int, priority: int,
+                       devices: Union[int, Mapping[str, int]], report: Report) -> None:
+    from agent.kernel.wgroutes import Routing, describe_rule, diff_routes
+
+    by_index = {devices: ""} if isinstance(devices, int) else {i: n for n, i in devices.items()}
     with Routing(ipr) as routing:
-        add_routes, del_routes = diff_routes(config.routes, routing.routes(config.table, ifindex), config.table)
-        have_rules = routing.rules(config.table, config.rule_priority)
-        add_rules, del_rules = config.rules - have_rules, have_rules - config.rules
+        add_routes, del_routes = diff_routes(routes, routing.routes(table, by_index), table)
+        have_rules = routing.rules(table, priority)
+        add_rules, del_rules = rules - have_rules, have_rules - rules
         if add_routes or del_routes or add_rules or del_rules:
-            report.failures += routing.apply(ifindex, add_routes, del_routes, add_rules, del_rules)
+            report.failures += routing.apply(devices, add_routes, del_routes, add_rules, del_rules)
     report.routes_added, report.routes_removed = len(add_routes), len(del_routes)
     report.rules_added, report.rules_removed = len(add_rules), len(del_rules)
+    for route in add_routes:
+        if route.dev and route.type == "unicast":
+            log.debug("wireguard route %s dev %s", route.dst, route.dev)
     for rule in add_rules:
         log.info("wireguard rule added %s", describe_rule(rule))
     for rule in del_rules:
         log.info("wireguard rule removed %s", describe_rule(rule))
     for failure in report.failures:
         log.error("wireguard apply failed: %s", failure)
-    return report
+
+
+# -- key epoch rotation (the daemon) -------------------------------------------
+
+
+@dataclass
+class RingReport:
+    """One pass over both interfaces of a key epoch rotation."""
+
+    plan: RingPlan
+    ring: wgkeys.Ring
+    current: Slot
+    previous: Optional[Slot]
+    reports: list[Report]
+    retired: Optional[str] = None
+
+    @property
+    def failures(self) -> list[str]:
+        return [f for r in self.reports for f in r.failures]
+
+    def summary(self) -> str:
+        text = "; ".join(r.summary() for r in self.reports)
+        if self.previous is not None:
+            text += (f"; rotation epoch {self.previous.epoch} -> {self.current.epoch}: "
+                     f"{len(self.plan.behind)} peer(s) on {self.previous.interface}")
+        if self.retired:
+            text += f"; {self.retired} retired"
+        return text
+
+
+def apply_ring(local_name: str, peers: Sequence[tuple[Node, Sequence[PeerKey]]], settings: Settings,
+               state_dir: str | Path, backend: str = "auto", epoch: Optional[int] = None,
+               allow_regeneration: bool = False, retire: bool = False,
+               wireguard_go: str = "wireguard-go") -> RingReport:
+    """One pass of the daemon's WireGuard datapath: both interfaces of a rotation (agent.wireguard.epochs).
+
+    ``peers`` includes the local node; ``retire`` removes the previous
+    interface and key, if no peer still uses it. Per-peer failures are in
+    the report, not raised."""
+    from pyroute2 import IPRoute
+
+    from agent.kernel.wireguard import open_backend
+
+    local = find_local(local_name, [n for n, _ in peers])
+    ring = wgkeys.load_ring(state_dir, epoch, allow_regeneration, advertised=local.wireguard_public_key)
+    names = slot_names(settings.interface, settings.port)
+
+    def slot(pair: wgkeys.KeyPair) -> Slot:
+        name, port = names[pair.slot]
+        return Slot(name, port, pair.epoch, pair.public_key)
+
+    current = slot(ring.current)
+    previous = slot(ring.previous) if ring.previous is not None else None
+    held = [(current, ring.current)] + ([(previous, ring.previous)] if previous and ring.previous else [])
+    with IPRoute() as ipr:
+        settings = replace(settings, underlay_mtu=underlay_mtu(ipr, local))
+        devs: list[tuple[Slot, wgkeys.KeyPair, "Backend", bool]] = []
+        try:
+            for s, pair in held:
+                dev, created = open_backend(s.interface, backend, ipr, wireguard_go)
+                devs.append((s, pair, dev, created))
+            handshakes = {(s.interface, p.public_key): p.last_handshake
+                          for s, _, dev, _ in devs for p in dev.read().peers.values()}
+            ring_plan = plan_ring(local, peers, current, previous, handshakes, settings)
+            configs = {c.interface: c for c in ring_plan.interfaces}
+            reports, indexes = [], {}
+            for s, pair, dev, created in devs:
+                report, indexes[s.interface] = _reconcile_device(configs[s.interface], pair.private, dev, ipr, created)
+                reports.append(report)
+        finally:
+            for _, _, dev, _ in devs:
+                dev.close()
+        head = reports[0]
+        _reconcile_routing(ipr, ring_plan.routes, ring_plan.interfaces[0].rules, settings.table,
+                           settings.rule_priority, indexes, head)
+        result = RingReport(ring_plan, ring, current, previous, reports)
+        other = names[1 - ring.current.slot][0]
+        stale = previous is None and ipr.link_lookup(ifname=other)
+        if (retire and previous is not None and not ring_plan.behind and not result.failures) or stale:
+            # Every peer's routes are on the current interface: the other one carries nothing of ours.
+            _delete_link(ipr, other)
+            wgkeys.retire_previous(state_dir)
+            result.retired = other
+            log.info("wireguard rotation finished: %s removed, epoch %d only", other, current.epoch)
+        if settings.node_encryption:
+            _check_rp_filter(ipr, local)
+    return result
+
+
+def _delete_link(ipr: Any, name: str) -> None:
+    from pyroute2 import NetlinkError
+
+    index = ipr.link_lookup(ifname=name)
+    if not index:
+        return
+    try:
+        ipr.link("del", index=index[0])
+    except NetlinkError as e:
+        raise KernelError(f"wireguard: cannot remove {name}: {os.strerror(e.code)}", e.code) from e
 
 
 def underlay_mtu(ipr: Any, local: Node) -> int:

@@ -17,6 +17,13 @@ Writes are atomic: a temporary file in the same directory, fsync, rename,
 fsync of the directory, so a crash leaves either the old or the new key,
 never half of one.
 
+In the daemon a key epoch change is a rotation without loss
+(:func:`load_ring`, agent.wireguard.epochs): the old pair moves to
+``wireguard-key-previous.json`` and stays up on its own interface until
+every peer has moved to the new one; each pair records its interface slot
+(0 or 1), so the two alternate. One rotation at a time: an epoch declared
+while the previous pair is still kept waits (``Ring.waiting``).
+
 When is a new pair made?
 - no key file and nothing advertised for this node yet: first start, create;
 - the declared key epoch differs from the stored one: a static rotation,
@@ -49,6 +56,7 @@ from agent.model import KeyMaterial
 log = logging.getLogger(__name__)
 
 KEY_FILE = "wireguard-key.json"
+PREVIOUS_FILE = "wireguard-key-previous.json"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 KEY_LEN = 32
@@ -63,6 +71,18 @@ class KeyPair:
     private: KeyMaterial
     public_key: str
     epoch: int
+    #: which of the two interfaces holds it (a rotation alternates them)
+    slot: int = 0
+
+
+@dataclass(frozen=True)
+class Ring:
+    """The node's key pairs: the current one and, during a rotation, the previous one."""
+
+    current: KeyPair
+    previous: Optional[KeyPair] = None
+    #: a declared epoch that waits until the previous pair has retired
+    waiting: Optional[int] = None
 
 
 def public_key_of(private: bytes) -> str:
@@ -73,12 +93,12 @@ def public_key_of(private: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def generate(epoch: int = 0) -> KeyPair:
+def generate(epoch: int = 0, slot: int = 0) -> KeyPair:
     """A fresh key pair (not stored)."""
     raw = X25519PrivateKey.generate().private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
-    return KeyPair(KeyMaterial(raw), public_key_of(raw), epoch)
+    return KeyPair(KeyMaterial(raw), public_key_of(raw), epoch, slot)
 
 
 def check_public_key(text: object) -> Optional[str]:
@@ -114,6 +134,50 @@ def load_or_create(
     public key the cluster currently has for this node (None if none), used to
     tell a first start from a lost key.
     """
+    return _load(state_dir, epoch, allow_regeneration, advertised, keep_previous=False).current
+
+
+def load_ring(
+    state_dir: str | Path,
+    epoch: Optional[int] = None,
+    allow_regeneration: bool = False,
+    advertised: Optional[str] = None,
+) -> Ring:
+    """Like :func:`load_or_create`, but an epoch change keeps the old pair as ``previous``.
+
+    The old pair is written to ``wireguard-key-previous.json`` before the new
+    one replaces ``wireguard-key.json`` (a crash in between leaves two copies
+    of the old pair, read as one). If a previous pair is still kept, the new
+    epoch waits: ``Ring.waiting`` says which."""
+    return _load(state_dir, epoch, allow_regeneration, advertised, keep_previous=True)
+
+
+def retire_previous(state_dir: str | Path) -> None:
+    """Forget the previous pair (its interface is gone); nothing if there is none."""
+    try:
+        os.unlink(Path(state_dir) / PREVIOUS_FILE)
+    except FileNotFoundError:
+        pass
+
+
+def _previous(directory: Path, current: Optional[KeyPair]) -> Optional[KeyPair]:
+    path = directory / PREVIOUS_FILE
+    try:
+        previous = _read(path)
+    except FileNotFoundError:
+        return None
+    except _BadKeyFile as e:
+        # Only peers still on the old epoch need it; they are refused, never sent in clear.
+        log.error("wireguard previous key ignored: %s; peers still on its epoch lose this node until they rotate",
+                  e)
+        return None
+    if current is not None and previous.public_key == current.public_key:
+        return None  # a crash between the two writes of a rotation
+    return previous
+
+
+def _load(state_dir: str | Path, epoch: Optional[int], allow_regeneration: bool, advertised: Optional[str],
+          keep_previous: bool) -> Ring:
     if epoch is not None and epoch < 0:
         raise ConfigError(f"key epoch: must be an integer >= 0, got {epoch}")
     directory = Path(state_dir)
@@ -129,24 +193,30 @@ def load_or_create(
             # until the new one is published, so this needs a human's yes.
             problem = (f"{path} does not exist, but this node still advertises public key {advertised}: "
                        f"the private key was lost")
-            return _regenerate_or_fail(path, problem, epoch or 0, allow_regeneration)
+            return Ring(_regenerate_or_fail(path, problem, epoch or 0, allow_regeneration))
     except _BadKeyFile as e:
-        return _regenerate_or_fail(path, str(e), epoch or 0, allow_regeneration)
+        return Ring(_regenerate_or_fail(path, str(e), epoch or 0, allow_regeneration))
 
     if stored is None:
         pair = generate(epoch or 0)
         _write(path, pair)
         log.info("wireguard key pair created path=%s epoch=%d public_key=%s", path, pair.epoch, pair.public_key)
-        return pair
+        return Ring(pair)
+    previous = _previous(directory, stored) if keep_previous else None
     if epoch is not None and epoch != stored.epoch:
-        pair = generate(epoch)
+        if previous is not None:
+            return Ring(stored, previous, waiting=epoch)
+        if keep_previous:
+            _write(directory / PREVIOUS_FILE, stored)
+        pair = generate(epoch, 1 - stored.slot if keep_previous else stored.slot)
         _write(path, pair)
         log.info(
-            "wireguard key epoch changed old=%d new=%d: new key pair public_key=%s (was %s)",
+            "wireguard key epoch changed old=%d new=%d: new key pair public_key=%s (was %s)%s",
             stored.epoch, epoch, pair.public_key, stored.public_key,
+            ", kept until every peer has moved" if keep_previous else "",
         )
-        return pair
-    return stored
+        return Ring(pair, stored if keep_previous else None)
+    return Ring(stored, previous)
 
 
 class _BadKeyFile(Exception):
@@ -223,13 +293,17 @@ def _parse(path: Path, data: bytes) -> KeyPair:
     public = public_key_of(private)
     if doc.get("publicKey") != public:
         raise _BadKeyFile(f"{path} is corrupt (publicKey does not belong to privateKey)")
-    return KeyPair(KeyMaterial(private), public, epoch)
+    slot = doc.get("slot", 0)
+    if slot not in (0, 1) or isinstance(slot, bool):
+        raise _BadKeyFile(f"{path} is corrupt (slot is not 0 or 1)")
+    return KeyPair(KeyMaterial(private), public, epoch, slot)
 
 
 def _write(path: Path, pair: KeyPair) -> None:
     doc = {
         "version": _FORMAT_VERSION,
         "epoch": pair.epoch,
+        "slot": pair.slot,
         "publicKey": pair.public_key,
         "privateKey": base64.b64encode(bytes(pair.private)).decode("ascii"),
     }

@@ -86,6 +86,8 @@ class Settings:
     fwmark: int = FWMARK
     table: int = ROUTE_TABLE
     rule_priority: int = RULE_PRIORITY
+    #: Route.dev of the tunnel routes ("": the one interface reconciled)
+    route_dev: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,9 @@ class Peer:
     endpoint: Endpoint
     allowed_ips: tuple[IPNetwork, ...]
     node: str = field(default="", compare=False)
+    #: persistent keepalive (s, 0 = off): set while a rotation waits for the
+    #: first handshake on the new interface, which it starts (agent.wireguard.epochs)
+    keepalive: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class PeerState:
     last_handshake: float = field(default=0.0, compare=False)
     rx_bytes: int = field(default=0, compare=False)
     tx_bytes: int = field(default=0, compare=False)
+    keepalive: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,9 @@ class Route:
     type: Literal["unicast", "unreachable"] = "unicast"
     src: Optional[IPAddress] = None
     metric: int = ROUTE_METRIC
+    #: the device of a unicast route; "" = the interface being reconciled
+    #: (a rotation names one of its two interfaces)
+    dev: str = ""
 
     @property
     def key(self) -> tuple[IPNetwork, int]:
@@ -171,6 +180,7 @@ class PeerChange:
     endpoint: Optional[Endpoint] = None
     allowed_ips: Optional[tuple[IPNetwork, ...]] = None  # set with replace_allowed_ips
     node: str = field(default="", compare=False)
+    keepalive: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -258,12 +268,14 @@ def plan(local: Node, nodes: Sequence[Node], own_public_key: str, settings: Sett
         if node.name in rejected:
             continue
         assert node.wireguard_public_key is not None
-        peers.append(Peer(node.wireguard_public_key, (node.ip, settings.port), allowed_of[node.name], node.name))
+        port = node.wireguard_port or settings.port
+        peers.append(Peer(node.wireguard_public_key, (node.ip, port), allowed_of[node.name], node.name))
         for net in allowed_of[node.name]:
             # With nodeEncryption, node-originated packets leave with the node
             # IP as source (which the peer allows); without it only pods,
             # forwarded with their own source, use these routes.
-            routes.add(Route(net, settings.table, "unicast", local_src[net.version] if enc else None))
+            routes.add(Route(net, settings.table, "unicast", local_src[net.version] if enc else None,
+                             dev=settings.route_dev))
     # Fail closed: every peer's pod CIDR also gets an unreachable route below
     # the tunnel route. For a rejected peer it is the only one (strict mode:
     # its pods are refused, never reached in clear); for a configured peer it
@@ -312,12 +324,14 @@ def diff_peers(desired: Sequence[Peer], actual: Mapping[str, PeerState]) -> list
     for peer in desired:
         have = actual.get(peer.public_key)
         if have is None:
-            changes.append(PeerChange("add", peer.public_key, peer.endpoint, peer.allowed_ips, peer.node))
+            changes.append(PeerChange("add", peer.public_key, peer.endpoint, peer.allowed_ips, peer.node,
+                                      peer.keepalive or None))
             continue
         endpoint = peer.endpoint if have.endpoint != peer.endpoint else None
         allowed = peer.allowed_ips if have.allowed_ips != frozenset(peer.allowed_ips) else None
-        if endpoint is not None or allowed is not None:
-            changes.append(PeerChange("update", peer.public_key, endpoint, allowed, peer.node))
+        keepalive = peer.keepalive if have.keepalive != peer.keepalive else None
+        if endpoint is not None or allowed is not None or keepalive is not None:
+            changes.append(PeerChange("update", peer.public_key, endpoint, allowed, peer.node, keepalive))
     for key in sorted(actual):
         if key not in wanted:
             changes.append(PeerChange("remove", key))

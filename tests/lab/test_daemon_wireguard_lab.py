@@ -71,7 +71,7 @@ def test_kernel_interfaces_keys_published_and_encrypted(d: DaemonCluster) -> Non
     summary = classify(cap.packets())
     assert wireguard_only(summary, {str(n.ip) for n in d.c.nodes[:3]}) == [], str(summary)
     m = d.metrics(0)
-    assert m["sealnet_agent_ready"] == 1.0 and m["sealnet_wireguard_peers"] == 2.0
+    assert m["sealnet_agent_ready"] == 1.0 and m[f'sealnet_wireguard_peers{{interface="{d.ifname(0)}"}}'] == 2.0
     ages = [v for k, v in m.items() if k.startswith("sealnet_wireguard_handshake_age_seconds{")]
     assert len(ages) == 2 and all(0 <= a < 120 for a in ages), ages
 

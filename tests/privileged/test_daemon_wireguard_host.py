@@ -67,7 +67,9 @@ def test_agents_publish_keys_and_encrypt(cluster: DaemonCluster) -> None:
         d.wait(f"peers of node {i}", lambda i=i, want=want: peers(d, i) == want)
     # Each agent patched its own Node only.
     for name, _, body in d.api.patches:
-        assert set(body["metadata"]["annotations"]) <= {PUBKEY, "sealnet.io/wireguard-key-epoch"}
+        assert set(body["metadata"]["annotations"]) <= {PUBKEY, "sealnet.io/wireguard-key-epoch",
+                                                        "sealnet.io/wireguard-port",
+                                                        "sealnet.io/wireguard-previous-key"}
     assert {name for name, _, _ in d.api.patches} == {n.name for n in d.c.nodes[:3]}
     pods = [n.pods[0] for n in d.c.nodes[:3]]
     # The agents' own API traffic (to 172.18.0.1) is not pod or node payload.
@@ -83,8 +85,9 @@ def test_agents_publish_keys_and_encrypt(cluster: DaemonCluster) -> None:
     assert m["sealnet_agent_ready"] == 1.0
     assert m['sealnet_agent_peers{state="served"}'] == 2.0
     assert m['sealnet_agent_reconciles_total{result="ok"}'] >= 1
-    assert m["sealnet_wireguard_peers"] == 2.0
-    assert 'sealnet_wireguard_handshake_age_seconds{peer="node-2"}' in m
+    assert m[f'sealnet_wireguard_peers{{interface="{d.ifname(0)}"}}'] == 2.0
+    assert f'sealnet_wireguard_handshake_age_seconds{{interface="{d.ifname(0)}",peer="node-2"}}' in m
+    assert m["sealnet_wireguard_rotation_peers_behind"] == 0.0
 
 
 def test_node_joins_later_and_deleted_node_is_removed(cluster: DaemonCluster) -> None:
