@@ -9,6 +9,7 @@ JUnit report, the guest's log and any captures.
 
     python -m lab run                       # every kernel_lab test
     python -m lab run tests/lab/test_seed.py -k esp   # one test while developing
+    python -m lab exec -- python bench/ipsec_rotation.py   # any command (benchmarks); its exit code
 
 Everything runs in one boot (~40 s under TCG). If the lab cannot boot, the
 run fails with a message that says what is missing and how to install it;
@@ -93,9 +94,15 @@ def check_tools() -> str:
     return vng
 
 
-def guest_script(pytest_args: Sequence[str], results: Path) -> str:
-    """The shell script the guest runs: load modules, run pytest, record the exit code."""
+def guest_script(pytest_args: Sequence[str], results: Path, command: Optional[Sequence[str]] = None) -> str:
+    """The shell script the guest runs: load modules, run pytest (or ``command``), record the exit code."""
     args = " ".join(shlex.quote(a) for a in pytest_args)
+    if command is not None:
+        body = " ".join(shlex.quote(a) for a in command)
+    else:
+        # A hung test fails with its stack (pytest-timeout) instead of eating the run.
+        body = (f"python -m pytest -m kernel_lab -p no:cacheprovider --timeout={TEST_TIMEOUT} \\\n"
+                f"  --junitxml={results}/junit.xml -v {args}")
     return f"""#!/bin/sh
 set -u
 export PATH={shlex.quote(str(Path(sys.executable).parent))}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -105,14 +112,13 @@ for m in {' '.join(MODULES)}; do
   modprobe "$m" || {{ echo "lab: modprobe $m failed" >&2; echo 3 > {results}/rc; exit 3; }}
 done
 date +%s.%N > {results}/booted
-# A hung test fails with its stack (pytest-timeout) instead of eating the run.
-python -m pytest -m kernel_lab -p no:cacheprovider --timeout={TEST_TIMEOUT} \\
-  --junitxml={results}/junit.xml -v {args}
+{body}
 echo $? > {results}/rc
 """
 
 
-def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 3600) -> LabRun:
+def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 3600,
+        command: Optional[Sequence[str]] = None) -> LabRun:
     vng = check_tools()
     kernel = find_kernel()
     results = RESULTS_ROOT / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
@@ -121,7 +127,7 @@ def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 3600) -
     latest.unlink(missing_ok=True)
     latest.symlink_to(results.name)
     script = results / "guest.sh"
-    script.write_text(guest_script(pytest_args, results))
+    script.write_text(guest_script(pytest_args, results, command))
     script.chmod(0o755)
     argv = [vng, "--disable-kvm", "--force-9p", "--run", kernel, "--user", "root", "-m", memory,
             "--cpus", str(os.cpu_count() or 1), "--rwdir", str(results), "--exec", str(script)]
@@ -160,7 +166,7 @@ def run(pytest_args: Sequence[str], memory: str = "2G", timeout: float = 3600) -
     wall = time.time() - start
     rc_file = results / "rc"
     if not rc_file.exists():
-        raise LabUnavailable(f"the lab VM exited ({proc.returncode}) before running pytest; "
+        raise LabUnavailable(f"the lab VM exited ({proc.returncode}) before running {'it' if command else 'pytest'}; "
                              f"see {results / 'console.log'}")
     booted = results / "booted"
     boot = float(booted.read_text()) - start if booted.exists() else wall
@@ -189,6 +195,8 @@ def _junit_counts(path: Path) -> tuple[int, int, int, int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["exec"]:
+        return _exec(args[1:])
     if not args or args[0] != "run":
         print(__doc__)
         return 2
@@ -210,4 +218,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if result.skipped and os.environ.get("CI"):
         print("kernel lab FAILED: tests were skipped inside the lab under CI", file=sys.stderr)
         return 1
+    return result.returncode
+
+
+def _exec(args: list[str]) -> int:
+    """``exec [--timeout S] -- CMD ...``: boot once, run CMD (cwd: the checkout), return its exit code."""
+    timeout = 3600.0
+    if args[:1] == ["--timeout"] and len(args) > 1:
+        timeout, args = float(args[1]), args[2:]
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print("usage: python -m lab exec [--timeout SECONDS] -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    try:
+        result = run([], timeout=timeout, command=args)
+    except LabUnavailable as e:
+        print(f"kernel lab FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"kernel lab: {shlex.join(args)} exited {result.returncode} in {result.wall_seconds:.0f} s wall "
+          f"(boot and module load {result.boot_seconds:.0f} s)", flush=True)
     return result.returncode
