@@ -45,7 +45,7 @@ def parse_key_ids(value: Optional[str]) -> tuple[Optional[frozenset[int]], Optio
         part = part.strip()
         if not part:
             continue
-        if not part.isdigit() or not 1 <= int(part) <= 15:
+        if not _decimal(part) or not 1 <= int(part) <= 15:
             return None, f"annotation {IPSEC_KEYS}={value!r}: key IDs must be integers 1..15 separated by commas"
         ids.add(int(part))
     return frozenset(ids), None
@@ -75,7 +75,7 @@ def parse_wireguard(ours: Mapping[str, str]) -> tuple[tuple[PeerKey, ...], list[
     previous = ours.get(WIREGUARD_PREVIOUS)
     if previous is not None:
         parts = previous.split()
-        if (len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit()
+        if (len(parts) != 3 or not _decimal(parts[0]) or not _decimal(parts[1])
                 or not 1 <= int(parts[1]) <= 65535 or int(parts[0]) >= 2**31):
             problems.append(f"annotation {WIREGUARD_PREVIOUS}={previous!r}: expected '<epoch> <port> <public key>'")
         else:
@@ -87,7 +87,12 @@ def _number(ours: Mapping[str, str], key: str, low: int, high: int, problems: li
     value = ours.get(key)
     if value is None:
         return None
-    if not value.isdigit() or not low <= int(value) <= high:
+    if not _decimal(value) or not low <= int(value) <= high:
         problems.append(f"annotation {key}={value!r}: expected an integer {low}..{high}")
         return None
     return int(value)
+
+
+def _decimal(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts "²", which ``int`` refuses."""
+    return text.isascii() and text.isdigit()

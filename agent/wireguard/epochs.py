@@ -112,10 +112,14 @@ def plan_ring(local: Node, peers: Sequence[tuple[Node, Sequence[PeerKey]]], curr
         key_p = by_epoch.get(previous.epoch) if previous else None
         if key_c is None and key_p is None and keys and not ours & by_epoch.keys():
             key_c = keys[0]  # no epoch in common: as before epochs
+        # A key advertised without a port is reached on the cluster's port
+        # (settings.port), not on the port of the slot it is paired with.
         if key_c is not None:
-            on_current.append(replace(node, wireguard_public_key=key_c.public_key, wireguard_port=key_c.port))
+            on_current.append(replace(node, wireguard_public_key=key_c.public_key,
+                                      wireguard_port=key_c.port or settings.port))
         if key_p is not None and previous is not None:
-            on_previous.append(replace(node, wireguard_public_key=key_p.public_key, wireguard_port=key_p.port))
+            on_previous.append(replace(node, wireguard_public_key=key_p.public_key,
+                                       wireguard_port=key_p.port or settings.port))
         if key_c is None and key_p is None:
             # No usable key: planned (and refused, fail closed) on the current interface.
             on_current.append(replace(node, wireguard_public_key=keys[0].public_key if keys else None))

@@ -193,9 +193,9 @@ def _load(state_dir: str | Path, epoch: Optional[int], allow_regeneration: bool,
             # until the new one is published, so this needs a human's yes.
             problem = (f"{path} does not exist, but this node still advertises public key {advertised}: "
                        f"the private key was lost")
-            return Ring(_regenerate_or_fail(path, problem, epoch or 0, allow_regeneration))
+            return _regenerate_or_fail(path, problem, epoch or 0, allow_regeneration, keep_previous)
     except _BadKeyFile as e:
-        return Ring(_regenerate_or_fail(path, str(e), epoch or 0, allow_regeneration))
+        return _regenerate_or_fail(path, str(e), epoch or 0, allow_regeneration, keep_previous)
 
     if stored is None:
         pair = generate(epoch or 0)
@@ -223,16 +223,21 @@ class _BadKeyFile(Exception):
     """The key file exists but cannot be used; message names path and problem, never content."""
 
 
-def _regenerate_or_fail(path: Path, problem: str, epoch: int, allowed: bool) -> KeyPair:
+def _regenerate_or_fail(path: Path, problem: str, epoch: int, allowed: bool, keep_previous: bool) -> Ring:
+    """A new current pair in place of a lost or unusable one, when allowed.
+
+    A previous pair still kept (a rotation in progress) stays, and the new
+    pair takes the other slot, so the two never share an interface."""
     if not allowed:
         raise ConfigError(f"wireguard key: {problem}; {_REGEN_HINT}")
-    pair = generate(epoch)
+    previous = _previous(path.parent, None) if keep_previous else None
+    pair = generate(epoch, 1 - previous.slot if previous is not None else 0)
     _write(path, pair)
     log.warning(
         "wireguard key: %s; made a new key pair because regeneration is allowed path=%s public_key=%s",
         problem, path, pair.public_key,
     )
-    return pair
+    return Ring(pair, previous)
 
 
 def _ensure_dir(directory: Path) -> None:
