@@ -6,7 +6,9 @@ on the underlay at 172.18.0.1, which it reaches through its kubeconfig, and
 its mounted files (config document; the keys Secret as a kubelet-style
 volume, tests.kubelet). Its HTTP endpoints are reached inside the node's
 namespace (lab.netns). Every agent log is checked for key material before a
-test reads it.
+test reads it: the IPsec keys given, and in WireGuard mode every private key
+the agents kept in their state dirs (collected at each stop, kill and
+readiness, so keys retired by a rotation are checked too).
 
     with Cluster(nodes=3, name="d1", api_address=True) as c, \\
          DaemonCluster(c, tmp_path, mode="ipsec", keys=LINE) as d:
@@ -17,6 +19,7 @@ test reads it.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -33,6 +36,7 @@ from tests.fakeapi import FakeApiServer, node_object
 from lab.udpflow import Flow
 from tests.kubelet import SecretVolume
 from agent.wireguard.epochs import slot_names
+from agent.wireguard.keys import KEY_FILE, PREVIOUS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 HEALTH_PORT, METRICS_PORT = 9879, 9878
@@ -139,13 +143,28 @@ class DaemonCluster:
     def stop(self, i: int, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         proc = self.procs.pop(i)
         proc.send_signal(sig)
-        return proc.wait(timeout=timeout)
+        rc = proc.wait(timeout=timeout)
+        self._collect_private_keys()
+        return rc
 
     def kill(self, i: int) -> None:
         proc = self.procs.pop(i, None)
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        self._collect_private_keys()
+
+    def _collect_private_keys(self) -> None:
+        """Every WireGuard private key in the state dirs (base64 and hex) joins the secrets."""
+        for d in self.dirs:
+            for name in (KEY_FILE, PREVIOUS_FILE):
+                try:
+                    raw = base64.b64decode(json.loads((d / "state" / name).read_text())["privateKey"])
+                except (OSError, ValueError, KeyError):
+                    continue
+                for form in (base64.b64encode(raw).decode(), raw.hex()):
+                    if form not in self.secrets:
+                        self.secrets.append(form)
 
     def log(self, i: int) -> str:
         path = self.dirs[i] / "agent.log"
@@ -157,6 +176,7 @@ class DaemonCluster:
         return text
 
     def assert_no_secret(self, text: str) -> None:
+        self._collect_private_keys()
         # Not `assert secret not in text`: pytest would print both operands.
         leaked = sum(1 for s in self.secrets if s and s in text)
         assert leaked == 0, f"{leaked} key(s) appeared in agent output"
@@ -177,6 +197,14 @@ class DaemonCluster:
                 name, _, value = line.rpartition(" ")
                 out[name] = float(value)
         return out
+
+    def status(self, i: int, *argv: str) -> str:
+        """``python -m agent status ARGV`` on node i, as an operator runs it there (stdout; no key in it)."""
+        cmd = ["ip", "netns", "exec", self.c.nodes[i].ns, sys.executable, "-m", "agent", "status", *argv]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=START_TIMEOUT,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        self.assert_no_secret(proc.stdout + proc.stderr)
+        return proc.stdout
 
     def annotations(self, i: int) -> dict[str, str]:
         meta = self.api.get_node(self.c.nodes[i].name)["metadata"]
@@ -210,6 +238,7 @@ class DaemonCluster:
 
     def wait_ready(self, i: int, timeout: Optional[float] = None) -> None:
         self.wait(f"{self.c.nodes[i].name} ready", lambda: self.ready(i), timeout or START_TIMEOUT, 0.5)
+        self._collect_private_keys()
 
     def wait_ready_all(self, timeout: Optional[float] = None) -> None:
         for i in self.procs:

@@ -379,9 +379,36 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def rotation_status(interface: str) -> dict[str, Any]:
+    """``status`` of the configured interface and of its rotation partner
+    (``slot_names``): when both exist, a key epoch rotation is in progress and
+    the partner's status is under ``"rotation"``; when only the partner does
+    (the epoch after a finished rotation), it is the one shown."""
+    st = status(interface)
+    try:
+        (_, _), (partner, _) = slot_names(interface, 1)
+    except ConfigError:
+        return st  # a name with no rotation partner
+    other = status(partner)
+    if not other["present"]:
+        return st
+    if not st["present"]:
+        return other
+    return {**st, "rotation": other}
+
+
+def rotation_status_line(st: dict[str, Any]) -> str:
+    line = status_line(st)
+    other = st.get("rotation")
+    if other is None:
+        return line
+    return (f"{line[:-1]}, {other['interface']} (Pubkey: {other['publicKey']}, Port: {other['port']}, "
+            f"Peers: {other['peers']}, backend {other['backend']}); key epoch rotation in progress]")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    st = status(_interface(args.interface))
-    print(json.dumps(st, indent=2) if args.json else status_line(st))
+    st = rotation_status(_interface(args.interface))
+    print(json.dumps(st, indent=2) if args.json else rotation_status_line(st))
     return 0 if st["present"] else 1
 
 
