@@ -132,7 +132,6 @@ def test_epoch_change_under_traffic_loses_nothing(d: DaemonCluster) -> None:
             assert " wireguard " in kind, kind
         finish_end_state(d, old, ROTATION_GRACE)
         retired = time.monotonic() - started
-    print(f"
-kernel WireGuard epoch 0 -> 1: agents ready {ready:.1f} s, previous pairs retired {retired:.1f} s "
+    print(f"\nkernel WireGuard epoch 0 -> 1: agents ready {ready:.1f} s, previous pairs retired {retired:.1f} s "
           f"after the restart (grace {ROTATION_GRACE:g} s)")
     counted.check(switched, "kernel WireGuard epoch change 0 -> 1")
