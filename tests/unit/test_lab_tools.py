@@ -191,3 +191,16 @@ def test_junit_counts_and_guest_script(tmp_path: Path) -> None:
     script = vm.guest_script(["tests/lab/test_seed.py", "-k", "esp and not wg"], tmp_path)
     assert "modprobe \"$m\"" in script and "esp4" in script and "wireguard" in script
     assert "-m kernel_lab" in script and "'esp and not wg'" in script
+
+
+def test_a_bare_lab_run_collects_every_kernel_lab_test(tmp_path: Path) -> None:
+    """``python -m lab run`` (what CI runs) collects only tests/lab: a kernel_lab test
+    anywhere else would never run, in the lab or on the host."""
+    script = vm.guest_script([], tmp_path)
+    assert "-m kernel_lab" in script and script.rstrip().splitlines()[-2].rstrip().endswith("tests/lab")
+    tests = Path(vm.ROOT) / "tests"
+    marker = "pytest.mark." + "kernel_lab"  # split, so that this file does not match itself
+    outside = [str(p.relative_to(tests)) for p in tests.rglob("*.py")
+               if "lab" not in p.relative_to(tests).parts[:1] and p.name != "conftest.py"
+               and marker in p.read_text()]
+    assert outside == [], f"kernel_lab tests outside {vm.LAB_TESTS}: {outside}"
