@@ -261,15 +261,14 @@ def wireguard_only(summary: Any, node_ips: set[str]) -> list[str]:
     a key epoch rotation.
     """
     problems = []
-    for seen, raw in zip(summary.packets, summary.raw):
+    for seen in summary.packets:
         if seen.kind == "control":
             continue
         if seen.kind != "wireguard":
             problems.append(f"{seen.kind} {seen.src} -> {seen.dst} proto {seen.proto}")
             continue
-        udp = raw["UDP"]
-        if {seen.src, seen.dst} - node_ips or udp.sport not in WIREGUARD_PORTS or udp.dport != udp.sport:
-            problems.append(f"wireguard with unexpected ends {seen.src}:{udp.sport} -> {seen.dst}:{udp.dport}")
+        if {seen.src, seen.dst} - node_ips or seen.sport not in WIREGUARD_PORTS or seen.dport != seen.sport:
+            problems.append(f"wireguard with unexpected ends {seen.src}:{seen.sport} -> {seen.dst}:{seen.dport}")
     return problems
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
-from lab.capture import WIREGUARD_PORTS, Capture, classify
+from lab.capture import WIREGUARD_PORTS, Capture
 from lab.topology import API_IP
 from lab.udpflow import Flow
 from tests.agents import DaemonCluster
@@ -71,9 +71,9 @@ class Counted:
               + "; ".join(str(r) for r in results))
         for r in results:
             assert r is not None and r.lost == 0 and r.sent > self.rate, str(r)
-        summary = classify(self.cap.packets())
+        summary = self.cap.summary()
         assert wireguard_only(summary, {str(n.ip) for n in self.d.c.nodes}) == [], str(summary)
-        ports = {p["UDP"].sport for p in summary.raw if p.haslayer("UDP")}
+        ports = {p.sport for p in summary.packets if p.kind == "wireguard"}
         assert ports == set(WIREGUARD_PORTS), ports  # both key pairs carried traffic
 
 

@@ -35,7 +35,7 @@ from typing import Iterator
 import pytest
 
 from agent.kernel.xfrm import Xfrm
-from lab.capture import Capture, classify
+from lab.capture import Capture
 from lab.counters import delta, xfrm_stat
 from lab.topology import API_IP, Cluster
 from lab.udpflow import Flow
@@ -91,7 +91,7 @@ def test_mesh_ready_encrypted_and_observable(d: DaemonCluster) -> None:
     with underlay(d) as cap:
         failed = [(a.ns, b.ns) for a in pods for b in pods if a is not b and not d.c.ping(a, b, count=2)]
     assert failed == []
-    summary = classify(cap.packets())
+    summary = cap.summary()
     assert summary.kinds() == {"esp"}, str(summary)
     for (src, _), spis in summary.spis().items():
         low = int(ipaddress.ip_address(src)) & 0xFFFFFF
@@ -140,7 +140,7 @@ def _bad_keys_file_refused(d: DaemonCluster, events_before: int) -> None:
     a, b = d.c.nodes[0].pods[0], d.c.nodes[1].pods[0]
     with underlay(d) as cap:
         assert d.c.ping(a, b, count=3) and d.c.ping(b, a, count=3)
-    summary = classify(cap.packets())
+    summary = cap.summary()
     assert summary.kinds() == {"esp"} and all(spi & 0xF == 3 for spis in summary.spis().values() for spi in spis)
 
 
@@ -152,7 +152,7 @@ def test_restart_under_traffic_and_join(d: DaemonCluster) -> None:
     cap, result, restarted = d.restart_under_traffic(0, join=3, rate=RATE)
     print(f"\nagent restart under traffic: ready {restarted:.1f} s after start; {result}")
     assert result.lost == 0 and result.sent > RATE, str(result)
-    summary = classify(cap.packets())
+    summary = cap.summary()
     assert summary.kinds() == {"esp"}, str(summary)
     assert no_new_errors(before, errors(d)) == {}
     with Xfrm.open(netns=d.c.nodes[0].ns) as x:
@@ -175,7 +175,7 @@ def test_peer_reboot_rekeys_never_in_clear(d: DaemonCluster) -> None:
     result = flow.result
     assert result is not None
     print(f"\npeer reboot (new boot ID), re-key under traffic: {result}")
-    assert classify(cap.packets()).kinds() == {"esp"}
+    assert cap.summary().kinds() == {"esp"}
     assert result.received > 0 and result.longest_gap * (1000 / RATE) < 3000, str(result)
     # Only the rebooted peer's pair was re-keyed: node-3's SAs (keys included) are untouched.
     assert third and third == {sa for sa in sas(d, 0) if d.c.nodes[2].ip in (sa.src, sa.dst)}
@@ -197,4 +197,4 @@ def test_deleted_node_cleaned_up_and_sigterm_keeps_datapath(d: DaemonCluster) ->
     a, b = d.c.nodes[0].pods[0], d.c.nodes[2].pods[0]
     with underlay(d) as cap:
         assert d.c.ping(a, b, count=2) and d.c.ping(b, a, count=2)
-    assert classify(cap.packets()).kinds() == {"esp"}
+    assert cap.summary().kinds() == {"esp"}

@@ -30,7 +30,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP
 
 from agent import cli
-from lab.capture import Capture, classify
+from lab.capture import Capture
 from lab.counters import xfrm_stat
 from lab.esp import decrypt
 from lab.topology import Cluster, LabNode
@@ -111,7 +111,7 @@ def test_agent_encrypts_every_pod_pair_with_per_sender_spis_and_pair_keys(tmp_pa
             for counter in ("XfrmInNoStates", "XfrmInStateProtoError", "XfrmOutNoStates"):
                 assert after[counter] == before[n.name][counter], (n.name, counter)
 
-        seen = classify(cap.packets())
+        seen = cap.summary()
         assert seen.kinds() == {"esp"}, seen
         by_ip = {str(n.ip): n for n in c.nodes}
         spis = seen.spis()
@@ -138,7 +138,7 @@ def test_agent_encrypts_every_pod_pair_with_per_sender_spis_and_pair_keys(tmp_pa
         # Sequence numbers continue: no SA was deleted and re-added.
         with Capture(c.underlay_ns, c.bridge) as cap2:
             assert c.ping(c.nodes[0].pods[0], c.nodes[1].pods[0])
-        seqs = [p.seq for p in classify(cap2.packets()).packets
+        seqs = [p.seq for p in cap2.summary().packets
                 if p.kind == "esp" and p.src == str(c.nodes[0].ip) and p.dst == str(c.nodes[1].ip)]
         assert seqs and min(seqs) > 2, (seqs, seq_before.count("seq"))
 
@@ -160,7 +160,7 @@ def test_peer_without_boot_id_is_blocked_never_in_clear(tmp_path: Path, agent: C
             assert c.ping(one, two) and c.ping(two, one)
             assert not c.ping(one, three, timeout=1)
             assert not c.ping(three, one, timeout=1)
-        seen = classify(cap.packets())
+        seen = cap.summary()
         assert "plaintext" not in seen.kinds(), seen
         assert seen.kinds() == {"esp"}, seen
         node3 = str(c.nodes[2].ip)

@@ -16,7 +16,8 @@ and afterwards only the new key's SAs in the kernels):
    previous line, across the 15 -> 1 wrap;
 3. two rotations within the grace period (1 -> 2 -> 3).
 The captured ESP after the last rotation is decrypted by scapy with per-pair
-keys derived here independently. Each prints the time from the Secret change
+keys derived here independently (a sample spread through the capture, on
+every node pair). Each prints the time from the Secret change
 to the last peer's egress switch and the packets counted.
 """
 
@@ -31,10 +32,10 @@ from typing import Iterator
 
 import pytest
 from scapy.layers.inet import IP, UDP
-from scapy.layers.ipsec import ESP
+from scapy.packet import Packet
 
 from agent.kernel.xfrm import Xfrm
-from lab.capture import Capture, classify
+from lab.capture import Capture
 from lab.counters import delta, xfrm_stat
 from lab.esp import decrypt
 from lab.topology import API_IP, Cluster, LabNode
@@ -46,6 +47,8 @@ pytestmark = [pytest.mark.kernel_lab, pytest.mark.timeout(2400)]
 RATE = 100
 GRACE = 8.0
 WATCHED = ("XfrmInNoStates", "XfrmInStateProtoError")
+#: Post-rotation ESP packets decrypted per node pair, spread through the capture.
+DECRYPT_SAMPLE = 50
 KEYS = {i: os.urandom(20) for i in range(1, 16)}
 
 
@@ -108,7 +111,7 @@ def rotate(d: DaemonCluster, texts: list[str], final: int, kill: int | None = No
           + "; ".join(str(r) for r in results))
     for r in results:
         assert r is not None and r.lost == 0 and r.sent > RATE, str(r)
-    summary = classify(cap.packets())
+    summary = cap.summary()
     assert summary.kinds() == {"esp"}, str(summary)
     after = {n.ns: xfrm_stat(n.ns) for n in d.c.nodes}
     grew = {ns: {k: v for k, v in delta(before[ns], after[ns]).items() if k in WATCHED} for ns in before}
@@ -132,16 +135,20 @@ def test_one_line_secret_across_the_wrap(d: DaemonCluster) -> None:
 def test_two_rotations_within_the_grace_period(d: DaemonCluster) -> None:
     cap = rotate(d, [line(1) + "\n" + line(2) + "\n", line(2) + "\n" + line(3) + "\n"], final=3)
     by_ip = {str(n.ip): n for n in d.c.nodes}
+    post = cap.summary().esp_packets(spi=lambda spi: spi & 0xF == 3)
+    by_pair: dict[tuple[str, str], list[Packet]] = {}
+    for pkt in post:
+        by_pair.setdefault((pkt[IP].src, pkt[IP].dst), []).append(pkt)
+    flows = {(str(d.c.nodes[i].ip), str(d.c.nodes[(i + 1) % 3].ip)) for i in range(3)}
+    assert flows <= set(by_pair), sorted(by_pair)
     decrypted = 0
-    for pkt in classify(cap.packets()).esp_packets():
-        if pkt[ESP].spi & 0xF != 3:
-            continue
-        src, dst = by_ip[pkt[IP].src], by_ip[pkt[IP].dst]
-        inner = decrypt(pkt, pair_key(KEYS[3], src, dst), icv_bits=128, esn=True)
-        assert UDP in inner and inner[IP].dst in {str(n.pods[0].ip) for n in d.c.nodes}
-        decrypted += 1
-    assert decrypted > 0
-    print(f"scapy decrypted {decrypted} post-rotation ESP packets with independently derived key-3 pair keys")
+    for (src, dst), pkts in by_pair.items():  # a sample through the capture: scapy decrypts slowly under TCG
+        for pkt in pkts[:: max(1, len(pkts) // DECRYPT_SAMPLE)]:
+            inner = decrypt(pkt, pair_key(KEYS[3], by_ip[src], by_ip[dst]), icv_bits=128, esn=True)
+            assert UDP in inner and inner[IP].dst in {str(n.pods[0].ip) for n in d.c.nodes}
+            decrypted += 1
+    print(f"scapy decrypted {decrypted} of {len(post)} post-rotation ESP packets ({len(by_pair)} node pairs) "
+          "with independently derived key-3 pair keys")
 
 
 def test_the_programs_rotation_reaches_the_nodes(d: DaemonCluster) -> None:

@@ -18,7 +18,7 @@ import subprocess
 import pytest
 from scapy.layers.inet import ICMP, IP
 
-from lab.capture import Capture, classify
+from lab.capture import Capture
 from lab.counters import delta, xfrm_stat
 from lab.esp import DecryptError, decrypt
 from lab.topology import Cluster, LabNode
@@ -59,7 +59,7 @@ def test_tutorial_ipsec_by_hand_turns_pod_traffic_into_esp_spi_3() -> None:
         with Capture(c.underlay_ns, c.bridge) as before:
             reach = _ping_all(c)
         assert all(reach.values()), reach
-        clear = classify(before.packets())
+        clear = before.summary()
         assert clear.count()["plaintext"] >= 12, clear  # 6 echo requests + 6 replies
 
         for node in c.nodes:
@@ -68,7 +68,7 @@ def test_tutorial_ipsec_by_hand_turns_pod_traffic_into_esp_spi_3() -> None:
         with Capture(c.underlay_ns, c.bridge) as after:
             reach = _ping_all(c)
         assert all(reach.values()), reach
-        seen = classify(after.packets())
+        seen = after.summary()
         assert seen.kinds() == {"esp"}, seen
         assert {spi for spis in seen.spis().values() for spi in spis} == {SPI}
         assert len(seen.spis()) == 6  # every ordered node pair carried ESP
@@ -115,7 +115,7 @@ def test_kernel_wireguard_by_hand_leaves_only_udp_on_the_wireguard_port() -> Non
         with Capture(c.underlay_ns, c.bridge) as cap:
             reach = _ping_all(c)
         assert all(reach.values()), reach
-        seen = classify(cap.packets())
+        seen = cap.summary()
         assert seen.kinds() == {"wireguard"}, seen
         node_ips = {str(n.ip) for n in c.nodes}
         assert all(p.src in node_ips and p.dst in node_ips for p in seen.payload()), seen

@@ -119,7 +119,7 @@ def test_static_key_rotation_gap_kernel(wg: WgCluster) -> None:
     assert new["node-1"] != old["node-1"] and new["node-2"] == old["node-2"]
     assert new["node-1"] in wg.peers(1) and old["node-1"] not in wg.peers(1)
     assert c.ping(a, b, count=2)
-    assert "plaintext" not in classify(cap.packets()).kinds()
+    assert "plaintext" not in cap.summary().kinds()
     record("wireguard-rotation-kernel", {"gap_ms": result.gap_ms, "lost": result.lost, "sent": result.sent,
                                           "applies_wall_s": round(wall, 2)})
     # The gap is the time for every agent to apply (TCG makes that slow)
@@ -146,12 +146,12 @@ def test_mixed_pair_with_node_encryption(tmp_path: Path) -> None:
             server.kill()
             server.wait()
         assert failed == [] and reply.strip() == "ok"
-        tunnel = classify(inner.packets())
+        tunnel = inner.summary()
         health = [p for p, raw in zip(tunnel.packets, tunnel.raw)
                   if "TCP" in raw and 4240 in (raw["TCP"].sport, raw["TCP"].dport)]
         assert {(p.src, p.dst) for p in health} == {(str(n1.ip), str(n2.ip)), (str(n2.ip), str(n1.ip))}
         assert tunnel.count()["wireguard"] == 0, "WireGuard's own UDP was routed into the tunnel (loop)"
-        underlay = classify(under.packets())
+        underlay = under.summary()
         assert wireguard_only(underlay, {str(n1.ip), str(n2.ip)}) == []
         assert underlay.count()["wireguard"] >= 8
         for i, node in enumerate(c.nodes):

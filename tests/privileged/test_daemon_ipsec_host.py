@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.capture import Capture, classify
+from lab.capture import Capture
 from lab.topology import API_IP, Cluster
 from tests.agents import DaemonCluster
 
@@ -38,7 +38,7 @@ def test_refused_sas_fail_closed_and_agent_stays_up(tmp_path: Path) -> None:
         a, b = c.nodes[0].pods[0], c.nodes[1].pods[0]
         with Capture(c.underlay_ns, c.bridge, bpf=f"not host {API_IP}", directory=str(tmp_path)) as cap:
             assert not c.ping(a, b, count=2, timeout=1)
-        assert classify(cap.packets()).count()["plaintext"] == 0
+        assert cap.summary().count()["plaintext"] == 0
         assert "sealnet.io/ipsec-keys" not in d.annotations(0), "keys advertised without their SAs"
         events = len(d.api.created_events())
         d.write_keys(f"4+ rfc4106(gcm(aes)) {KEY[:-1]} 128\n", nodes=[0])

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import pytest
 
-from lab.capture import Capture, classify
+from lab.capture import Capture
 from lab.topology import API_IP, Cluster
 from tests.agents import DaemonCluster
 from tests.wgcluster import wireguard_only
@@ -76,7 +76,7 @@ def test_agents_publish_keys_and_encrypt(cluster: DaemonCluster) -> None:
     with Capture(d.c.underlay_ns, d.c.bridge, bpf=f"not host {API_IP}", directory=str(d.tmp)) as cap:
         failed = [(a.ns, b.ns) for a in pods for b in pods if a is not b and not d.c.ping(a, b, count=2)]
     assert failed == []
-    summary = classify(cap.packets())
+    summary = cap.summary()
     assert wireguard_only(summary, node_ips(d, 3)) == []
     assert summary.count()["wireguard"] >= 12
     status, body = d.http(0, "/healthz")

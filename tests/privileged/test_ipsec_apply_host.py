@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.capture import Capture, classify
+from lab.capture import Capture
 from lab.topology import Cluster
 
 pytestmark = pytest.mark.privileged
@@ -64,7 +64,7 @@ def test_static_apply_on_the_host_kernel(tmp_path: Path) -> None:
 
         with Capture(c.underlay_ns, c.bridge) as cap:
             c.ping(one.pods[0], c.nodes[1].pods[0], timeout=1)
-        assert "plaintext" not in classify(cap.packets()).kinds()
+        assert "plaintext" not in cap.summary().kinds()
 
         second = _apply(c, one.ns, "node-1", nodes, keys)
         assert "add_policy" not in second.stdout and "update_policy" not in second.stdout, second.stdout

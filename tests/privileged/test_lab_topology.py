@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from lab.capture import Capture, classify
+from lab.capture import Capture
 from lab.counters import delta, xfrm_stat
 from lab.topology import Cluster
 from lab.udpflow import Flow
@@ -30,7 +30,7 @@ def test_pods_reach_each_other_host_gw_style_in_clear() -> None:
         assert all(reach.values()), reach
         route = c.run(c.nodes[0].ns, "ip", "route", "get", str(c.nodes[1].pods[0].ip)).stdout
         assert f"via {c.nodes[1].ip}" in route
-        seen = classify(cap.packets())
+        seen = cap.summary()
         # Same-node pairs never touch the underlay; the 24 cross-node pairs do.
         cross = sum(1 for a, b in pairs if a.node != b.node)
         assert seen.count()["plaintext"] == 2 * cross, seen

@@ -170,7 +170,7 @@ def test_duplicate_keys_rejected_and_blocked_not_clear(wg: WgCluster) -> None:
         assert "unreachable 10.244.2.0/24" in routes and "unreachable 10.244.3.0/24" in routes
         with wg.underlay_capture() as cap:
             assert not wg.c.ping(a, b, count=1, timeout=1)
-        assert "plaintext" not in classify(cap.packets()).kinds()
+        assert "plaintext" not in cap.summary().kinds()
     finally:
         wg.apply(0)
     assert wg.c.ping(a, b, count=2)
@@ -186,7 +186,7 @@ def test_fails_closed_when_wireguard_go_dies_and_apply_restores(wg: WgCluster) -
         assert "unreachable 10.244.2.0/24 proto 94 metric 200" in routes, routes
         with wg.underlay_capture() as cap:
             assert not wg.c.ping(a, b, count=1, timeout=1)
-        assert "plaintext" not in classify(cap.packets()).kinds(), "pod traffic fell back to the clear path"
+        assert "plaintext" not in cap.summary().kinds(), "pod traffic fell back to the clear path"
     finally:
         line = wg.apply(0).stdout
     assert "(created)" in line and "routes +2 -0" in line, line
@@ -229,13 +229,13 @@ def test_node_encryption_health_port_in_tunnel_and_no_loop(tmp_path: Path) -> No
             server.wait()
         assert reply.strip() == "ok"
         assert pods_ok
-        tunnel = classify(inner.packets())
+        tunnel = inner.summary()
         health = [p for p, raw in zip(tunnel.packets, tunnel.raw)
                   if "TCP" in raw and 4240 in (raw["TCP"].sport, raw["TCP"].dport)]
         assert health, "node-to-node TCP 4240 did not go through the tunnel"
         assert {(p.src, p.dst) for p in health} == {(str(n1.ip), str(n2.ip)), (str(n2.ip), str(n1.ip))}
         assert tunnel.count()["wireguard"] == 0, "WireGuard's own UDP was routed into the tunnel (loop)"
-        underlay = classify(under.packets())
+        underlay = under.summary()
         assert wireguard_only(underlay, {str(n1.ip), str(n2.ip)}) == []
         st = wg.status(0)
         assert st["fwmark"] == 0x5E
@@ -273,7 +273,7 @@ def test_static_key_rotation_gap(tmp_path: Path, record_property: pytest.RecordP
         while not wg.c.ping(a, b, count=1) and time.monotonic() < deadline:
             pass
         assert wg.c.ping(a, b, count=2)
-        assert "plaintext" not in classify(cap.packets()).kinds()
+        assert "plaintext" not in cap.summary().kinds()
         record_property("rotation_gap_ms", result.gap_ms)
         print(f"\nuserspace static rotation: {result} ; applies took {wall:.2f} s")
         (tmp_path / "rotation.json").write_text(json.dumps({"gap_ms": result.gap_ms, "lost": result.lost}))

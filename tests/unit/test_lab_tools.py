@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from scapy.layers.igmp import IGMP, IGMPv3_MR, IGMPv3_MR_Group
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
     ICMPv6MLDMultAddrRec,
@@ -25,10 +25,12 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.ipsec import ESP
 from scapy.layers.l2 import ARP, Ether
-from scapy.packet import Packet
+from scapy.layers.vxlan import VXLAN
+from scapy.packet import Packet, Raw
+from scapy.utils import rdpcap, wrpcap
 
-from lab import vm
-from lab.capture import classify
+from lab import capture, vm
+from lab.capture import classify, read_summary
 from lab.counters import delta, parse_xfrm_stat
 
 
@@ -151,6 +153,55 @@ def test_kinds_and_count_leave_out_only_control() -> None:
     assert str(only_control) == ("no payload packets; control=2 not counted "
                                  "(IGMP v2 report, IGMP v3 report)")
     assert str(classify([])) == "no IP packets"
+
+
+#: Frames at the edges of what read_summary reads from headers alone (beside CASES).
+HEADER_EDGES = [
+    pytest.param(IP(src=NODE, dst=PEER) / ESP(spi=0x51200033, seq=2**32 - 1, data=b"c" * 40), id="esp"),
+    pytest.param(IP(src=NODE, dst=PEER, options=IPOption_Router_Alert()) / ESP(spi=0x51200034, seq=9),
+                 id="esp-ip-options"),
+    pytest.param(IP(src=NODE, dst=PEER, flags="MF") / ESP(spi=0x51200035, seq=1), id="esp-first-fragment"),
+    pytest.param(IP(src=NODE, dst=PEER, frag=3, proto=50) / Raw(b"\x00" * 16), id="esp-later-fragment"),
+    pytest.param(IP(src=NODE, dst=PEER, proto=50) / Raw(b"\x00" * 5), id="esp-header-cut-short"),
+    pytest.param(IP(src=POD, dst=PEER) / ESP(spi=0x51200036, seq=1), id="esp-from-a-pod-address"),
+    pytest.param(IP(src=NODE, dst=PEER) / UDP(sport=51872, dport=51872) / Raw(b"\x04" * 32),
+                 id="wireguard-second-port"),
+    pytest.param(IP(src=NODE, dst=PEER) / UDP(sport=40000, dport=51871), id="wireguard-one-end"),
+    pytest.param(IP(src=NODE, dst=PEER) / UDP(sport=51871, dport=4789) / VXLAN()
+                 / Ether(src="02:00:00:00:00:03", dst="02:00:00:00:00:04") / IP(src=POD, dst=POD2) / UDP(),
+                 id="pod-in-vxlan-from-the-wireguard-port"),
+    pytest.param(IP(src=NODE, dst=PEER) / UDP(sport=40000, dport=8472), id="udp-other-port"),
+]
+
+
+def test_reading_headers_alone_gives_what_scapy_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_summary and classify(rdpcap(...)) agree on every frame; only ESP and WireGuard skip scapy."""
+    padded = Ether(bytes(frame(IP(src=NODE, dst=PEER) / ESP(spi=0x51200037, seq=4))) + b"\x00" * 12)
+    frames = [frame(p.values[0]) for p in CASES + HEADER_EDGES] + [frame(ARP()), padded]
+    path = str(tmp_path / "mixed.pcap")
+    wrpcap(path, frames)
+    dissected: list[bytes] = []
+
+    def counting_ether(data: bytes) -> Packet:
+        dissected.append(data)
+        return Ether(data)
+
+    monkeypatch.setattr(capture, "Ether", counting_ether)
+    fast = read_summary(path)
+    # unfragmented IPv4 ESP (with and without IP options, with Ethernet padding) and UDP on a WireGuard port
+    assert len(frames) - len(dissected) == 5
+    slow = classify(rdpcap(path))
+    assert fast.packets == slow.packets
+    assert [bytes(r) for r in fast.raw] == [bytes(r) for r in slow.raw]
+    assert len(frames) - len(dissected) == 0  # reading raw dissected the rest, each once
+    edges = [(p.kind, p.spi, p.seq, p.sport) for p in fast.packets[len(CASES):]]
+    assert edges == [
+        ("esp", 0x51200033, 2**32 - 1, None), ("esp", 0x51200034, 9, None), ("esp", 0x51200035, 1, None),
+        ("other", None, None, None), ("other", None, None, None), ("plaintext", None, None, None),
+        ("wireguard", None, None, 51872), ("wireguard", None, None, 40000), ("plaintext", None, None, None),
+        ("other", None, None, None), ("esp", 0x51200037, 4, None),
+    ]
+    assert [p[ESP].seq for p in fast.esp_packets(spi=lambda spi: spi in (0x51200034, 0x51200037))] == [9, 4]
 
 
 def test_wireguard_only_skips_control_packets() -> None:
