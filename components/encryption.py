@@ -71,7 +71,8 @@ class TransparentEncryption(pulumi.ComponentResource):
         elif settings.mode == "cilium":
             self.keyring = Keyring(
                 f"{name}-keys",
-                KeyringArgs(settings.rotation_config, render.CILIUM_SECRET_NAME, render.CILIUM_NAMESPACE),
+                KeyringArgs(settings.rotation_config, render.CILIUM_SECRET_NAME, render.CILIUM_NAMESPACE,
+                            include_previous=False),
                 child_opts,
             )
 

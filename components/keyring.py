@@ -12,7 +12,8 @@ Children (parented to the component):
   :func:`components.rotation.slot_keepers`, so rotation N -> N+1 replaces
   exactly one slot and the previous key stays byte-identical.
 - ``<name>-secret``: the Secret whose single entry ``keys`` holds the previous
-  line (if any) and then the current one. With the provider's
+  line (if any) and then the current one; for Cilium's agent the current
+  line alone (``include_previous=False``, see :mod:`components.rotation`). With the provider's
   ``enableSecretMutable`` a rotation updates it in place; the kubelet then
   refreshes the mounted file and the agents (or Cilium) reload it.
 
@@ -50,11 +51,15 @@ class KeyringArgs:
     :param rotation: the validated key schedule (rotation, key size, per-node keys).
     :param secret_name: name of the keys Secret (Cilium's: ``cilium-ipsec-keys``).
     :param namespace: namespace of the keys Secret.
+    :param include_previous: write the previous key's line before the current
+        one (sealnet's agent); False for Cilium's agent, which refuses a
+        reload whose first line is the key it holds.
     """
 
     rotation: RotationConfig
     secret_name: str
     namespace: str
+    include_previous: bool = True
 
 
 class Keyring(pulumi.ComponentResource):
@@ -94,7 +99,9 @@ class Keyring(pulumi.ComponentResource):
         # guarantee does not depend on the provider (the mock engine, for one).
         slot_hex = [pulumi.Output.secret(slot.hex) for slot in self.slots]
         self.keys = pulumi.Output.secret(
-            pulumi.Output.all(*slot_hex).apply(lambda hexes: keys_entry(schedule, dict(enumerate(hexes))))
+            pulumi.Output.all(*slot_hex).apply(
+                lambda hexes: keys_entry(schedule, dict(enumerate(hexes)), args.include_previous)
+            )
         )
         data = self.keys.apply(lambda text: {render.KEYS_ENTRY: base64.b64encode(text.encode()).decode()})
         self.secret = k8s.core.v1.Secret(

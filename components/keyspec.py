@@ -5,9 +5,10 @@ Why nothing of the key spec may change in place:
 - ``sealnet:keyBits`` sets the length of both ``random.RandomBytes`` slots, so
   a change replaces both at once: the key in use leaves the keys Secret, and
   key IDs the nodes already hold get new keys (unless ``rotation`` also moves
-  by two, which still drops the key in use). Cilium's agent refuses a key ID
-  whose key changed ("changing IPSec keys requires incrementing the key id"),
-  so in mode ``cilium`` it would ignore the new Secret until it restarts;
+  by two, which still drops the key in use). Cilium's agent refuses a reload
+  whose key ID is the one it holds ("changing IPSec keys requires
+  incrementing the key id"), so in mode ``cilium`` a key changed under the
+  same key ID would be ignored until the agent restarts;
   sealnet's agent refuses it too. Nodes would disagree about the keys and
   traffic would drop.
 - The ICV length (and, for the non-AEAD form, the algorithm's auth key)

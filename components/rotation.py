@@ -20,6 +20,13 @@ Everything about the IPsec keys follows from it, with no state of its own:
 
       <key ID>[+] rfc4106(gcm(aes)) <hex key + salt> 128
 
+  Mode ``cilium`` writes the current line alone (``include_previous=False``):
+  Cilium's agent takes a file's last line as its key and, on every reload
+  after the first, refuses a line whose key ID is the key it already holds
+  ("changing IPSec keys requires incrementing the key id"), so the previous
+  line would make it refuse every rotation. Cilium keeps the previous key's
+  states itself for ``ipsec-key-rotation-duration``.
+
 Usage::
 
     rc = RotationConfig(rotation=3, key_bits=128, per_node_keys=True)
@@ -29,7 +36,8 @@ Usage::
     # "3+ rfc4106(gcm(aes)) <hex0> 128\\n4+ rfc4106(gcm(aes)) <hex1> 128\\n"
 
 The checks mirror Cilium's ``parseSPI`` (SPI 1..15, optional trailing ``+``)
-and ``LoadIPSecKeys`` (a key ID never names two different keys at once).
+and ``LoadIPSecKeys`` (a key ID never names two different keys at once, and
+a reload's key ID differs from the loaded one).
 Error messages never include key material.
 """
 
@@ -149,13 +157,14 @@ def key_line(key_id_: int, hex_key: str, per_node_keys: bool, key_bits: int) -> 
     return f"{key_id_}{plus} {AEAD_ALGORITHM} {hex_key} {ICV_BITS}"
 
 
-def keys_entry(config: RotationConfig, slot_hex: Mapping[int, str]) -> str:
+def keys_entry(config: RotationConfig, slot_hex: Mapping[int, str], include_previous: bool = True) -> str:
     """The Secret's ``keys`` value: previous line (if any), then the current one.
 
-    ``slot_hex`` maps slot number to that slot's key material in hex.
+    ``slot_hex`` maps slot number to that slot's key material in hex. With
+    ``include_previous=False`` (mode ``cilium``) only the current line.
     """
     lines = []
-    if config.previous_slot is not None and config.previous_key_id is not None:
+    if include_previous and config.previous_slot is not None and config.previous_key_id is not None:
         lines.append(
             key_line(config.previous_key_id, slot_hex[config.previous_slot], config.per_node_keys, config.key_bits)
         )

@@ -80,6 +80,11 @@ def test_previous_line_first_then_current(per_node: bool, bits: int) -> None:
     assert len(bytes.fromhex(parsed[1]["hex"])) == {128: 20, 256: 36}[bits]  # type: ignore[index]
 
 
+def test_without_the_previous_line_only_the_current_key() -> None:
+    entry = keys_entry(RotationConfig(15, 128, True), {0: "00" * 20, 1: "11" * 20}, include_previous=False)
+    assert entry == f"1+ rfc4106(gcm(aes)) {'11' * 20} 128\n"
+
+
 def test_wrap_keeps_distinct_key_ids() -> None:
     lines = keys_entry(RotationConfig(15, 128, True), {0: "00" * 20, 1: "11" * 20}).splitlines()
     assert [line.split()[0] for line in lines] == ["15+", "1+"]

@@ -12,6 +12,10 @@ Properties asserted, for rotation N -> N+1:
 - keyId goes up by one and 15 wraps to 1;
 - the Secret's `keys` entry is the previous key (byte-identical to the
   current key before the rotation) then the new key;
+- mode cilium: the Secret holds the current key alone, and every rotation's
+  Secret, 0 to 31 across two wraps, is one Cilium's agent reloads (its
+  LoadIPSecKeys refuses a line whose key ID is the key it holds, so a
+  previous line would make it refuse every rotation after the first start);
 - wireguard: the rotation is a new key epoch in the agent config, so exactly
   the ConfigMap and the DaemonSet's checksum annotation change (the pods roll
   and make new key pairs), and no key material exists in the stack.
@@ -80,7 +84,44 @@ def test_cilium_rotation_leaves_cilium_alone(run: Any) -> None:
     cfg = {"mode": "cilium", "installCilium": True}
     before, after = run({**cfg, "rotation": 14}), run({**cfg, "rotation": 15})
     assert changed(before, after) == {"sealnet-keys-slot1", "sealnet-keys-secret"}
-    assert [line[0] for line in keys_lines(after)] == ["15+", "1+"]
+    assert [line[0] for line in keys_lines(after)] == ["1+"]
+
+
+def cilium_reload(held: int | None, lines: list[list[str]]) -> int:
+    """The key ID Cilium's agent holds after loading ``lines`` while holding ``held``.
+
+    A model of LoadIPSecKeys (pkg/datapath/linux/ipsec): the lines are read
+    in order, each becomes the key held, and a line naming the key ID held
+    at that point is an error ("changing IPSec keys requires incrementing
+    the key id"); so is a key ID outside 1..15.
+    """
+    for line in lines:
+        key_id = int(line[0].rstrip("+"))
+        if not 1 <= key_id <= 15:
+            raise ValueError(f"key ID {key_id} outside 1..15")
+        if key_id == held:
+            raise ValueError(f"key ID {key_id} is the key held: Cilium refuses the reload")
+        held = key_id
+    assert held is not None, "an empty keys entry"
+    return held
+
+
+def test_cilium_reload_model_refuses_the_two_line_form() -> None:
+    """The two-line form sealnet's own agent reads is accepted at Cilium's start, refused on reload."""
+    assert cilium_reload(None, [["1+"], ["2+"]]) == 2
+    with pytest.raises(ValueError, match="refuses the reload"):
+        cilium_reload(2, [["2+"], ["3+"]])
+
+
+def test_cilium_takes_every_rotation_by_hot_reload(run: Any) -> None:
+    cfg = {"mode": "cilium", "installCilium": True}
+    held = None
+    for n in range(32):
+        r = run({**cfg, "rotation": n})
+        lines = keys_lines(r)
+        assert len(lines) == 1, (n, [line[0] for line in lines])
+        held = cilium_reload(held, lines)
+        assert held == r.stack_outputs["keyId"] == n % 15 + 1
 
 
 def test_per_node_keys_off_drops_the_plus(run: Any) -> None:
