@@ -36,8 +36,10 @@ Usage::
     # "3+ rfc4106(gcm(aes)) <hex0> 128\\n4+ rfc4106(gcm(aes)) <hex1> 128\\n"
 
 The checks mirror Cilium's ``parseSPI`` (SPI 1..15, optional trailing ``+``)
-and ``LoadIPSecKeys`` (a key ID never names two different keys at once, and
-a reload's key ID differs from the loaded one).
+and ``LoadIPSecKeys`` (a key ID never names two different keys at once). A
+reload's key ID differing from the one Cilium holds is not checked here (it
+needs the node's state): the one-line form, ``include_previous=False``,
+guarantees it for every rotation by one.
 Error messages never include key material.
 """
 

@@ -251,25 +251,30 @@ def session_problems(before: dict[str, dict[str, Any]], after: dict[str, dict[st
     return problems
 
 
-def wireguard_only(summary: Any, node_ips: set[str]) -> list[str]:
-    """Problems with an underlay capture that should hold only WireGuard between node IPs.
+def wireguard_problems(summary: Any, node_ips: set[str]) -> list[tuple[int, str]]:
+    """Each frame of an underlay capture that should hold only WireGuard between node IPs and is not.
 
-    The kernel's own link-local control packets (IGMP, MLD, Neighbor
+    Returns (index into ``summary.packets`` and ``summary.raw``, what is
+    wrong). The kernel's own link-local control packets (IGMP, MLD, Neighbor
     Discovery: kind ``control``, see lab.capture) carry no payload and are
     no problem; anything else that is not WireGuard is. WireGuard is node to
     node, port to the same port: 51871, or 51872 for the second interface of
     a key epoch rotation.
     """
     problems = []
-    for seen in summary.packets:
+    for i, seen in enumerate(summary.packets):
         if seen.kind == "control":
             continue
         if seen.kind != "wireguard":
-            problems.append(f"{seen.kind} {seen.src} -> {seen.dst} proto {seen.proto}")
-            continue
-        if {seen.src, seen.dst} - node_ips or seen.sport not in WIREGUARD_PORTS or seen.dport != seen.sport:
-            problems.append(f"wireguard with unexpected ends {seen.src}:{seen.sport} -> {seen.dst}:{seen.dport}")
+            problems.append((i, f"{seen.kind} {seen.src} -> {seen.dst} proto {seen.proto}"))
+        elif {seen.src, seen.dst} - node_ips or seen.sport not in WIREGUARD_PORTS or seen.dport != seen.sport:
+            problems.append((i, f"wireguard with unexpected ends {seen.src}:{seen.sport} -> {seen.dst}:{seen.dport}"))
     return problems
 
 
-__all__ = ["WgCluster", "session_problems", "wireguard_only", "classify", "REPO", "PORT", "TIMEOUT"]
+def wireguard_only(summary: Any, node_ips: set[str]) -> list[str]:
+    """What is wrong with the frames :func:`wireguard_problems` flags ([] when the capture is clean)."""
+    return [what for _, what in wireguard_problems(summary, node_ips)]
+
+
+__all__ = ["WgCluster", "session_problems", "wireguard_only", "wireguard_problems", "classify", "REPO", "PORT", "TIMEOUT"]

@@ -21,11 +21,11 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
-from lab.capture import WIREGUARD_PORTS, Capture, Summary
+from lab.capture import WIREGUARD_PORTS, Capture
 from lab.topology import API_IP
 from lab.udpflow import Flow
 from tests.agents import DaemonCluster
-from tests.wgcluster import wireguard_only
+from tests.wgcluster import wireguard_problems
 
 PUBKEY, EPOCH, PREVIOUS = ("sealnet.io/wireguard-public-key", "sealnet.io/wireguard-key-epoch",
                            "sealnet.io/wireguard-previous-key")
@@ -65,14 +65,6 @@ class Counted:
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
 
-    @staticmethod
-    def first_problem_frame(summary: Summary) -> str:
-        """The first frame that is neither WireGuard nor control, as scapy shows it (headers only)."""
-        for i, seen in enumerate(summary.packets):
-            if seen.kind not in ("wireguard", "control"):
-                return str(summary.raw[i].summary())
-        return "none"
-
     def check(self, switched_after: float, what: str) -> None:
         results = [f.result for f in self.flows]
         print(f"\n{what}: last egress switch {switched_after:.1f} s after the first node's restart; "
@@ -80,8 +72,9 @@ class Counted:
         for r in results:
             assert r is not None and r.lost == 0 and r.sent > self.rate, str(r)
         summary = self.cap.summary()
-        problems = wireguard_only(summary, {str(n.ip) for n in self.d.c.nodes})
-        assert problems == [], f"{problems[:10]}; {summary}; first: {self.first_problem_frame(summary)}"
+        problems = wireguard_problems(summary, {str(n.ip) for n in self.d.c.nodes})
+        first = str(summary.raw[problems[0][0]].summary()) if problems else ""  # headers only, never a payload
+        assert problems == [], f"{[what for _, what in problems[:10]]}; {summary}; first: {first}"
         ports = {p.sport for p in summary.packets if p.kind == "wireguard"}
         assert ports == set(WIREGUARD_PORTS), ports  # both key pairs carried traffic
 

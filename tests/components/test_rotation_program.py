@@ -113,8 +113,9 @@ def test_cilium_reload_model_refuses_the_two_line_form() -> None:
         cilium_reload(2, [["2+"], ["3+"]])
 
 
-def test_cilium_takes_every_rotation_by_hot_reload(run: Any) -> None:
-    cfg = {"mode": "cilium", "installCilium": True}
+@pytest.mark.parametrize("install", [True, False], ids=["installCilium", "cilium-installed-elsewhere"])
+def test_cilium_takes_every_rotation_by_hot_reload(run: Any, install: bool) -> None:
+    cfg = {"mode": "cilium", "installCilium": install}
     held = None
     for n in range(32):
         r = run({**cfg, "rotation": n})

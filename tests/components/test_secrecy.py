@@ -45,7 +45,12 @@ def leaks(strings: Iterable[str], forms: list[str]) -> list[str]:
     return [s[:24] + "..." for s in strings for form in forms if form in s]
 
 
-@pytest.fixture(params=[{"rotation": 1}, {"rotation": 6, "keyBits": 256}, {"mode": "cilium", "installCilium": True, "rotation": 1}])
+@pytest.fixture(params=[
+    {"rotation": 1},
+    {"rotation": 6, "keyBits": 256},
+    {"mode": "cilium", "installCilium": True, "rotation": 1},
+    {"mode": "cilium", "rotation": 1},  # Cilium installed by someone else: the Secret alone
+])
 def keyed_run(request: pytest.FixtureRequest, run: Any, caplog: pytest.LogCaptureFixture) -> ProgramRun:
     with caplog.at_level(logging.DEBUG):
         result: ProgramRun = run(request.param)
@@ -55,7 +60,7 @@ def keyed_run(request: pytest.FixtureRequest, run: Any, caplog: pytest.LogCaptur
 
 def key_lines(run: ProgramRun) -> int:
     """Previous and current line at rotation 1 and on; Cilium's Secret holds the current one alone."""
-    return 1 if run.namespace["encryption"].cilium is not None else 2
+    return 1 if run.namespace["settings"].mode == "cilium" else 2
 
 
 def test_secret_data_is_a_secret_input(keyed_run: ProgramRun) -> None:

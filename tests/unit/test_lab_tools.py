@@ -217,6 +217,22 @@ def test_wireguard_only_skips_control_packets() -> None:
     assert wireguard_only(classify(leak), {NODE, PEER}) == [f"other {NODE} -> 224.0.0.251 proto 17"]
 
 
+def test_wireguard_problems_name_the_frame_to_show() -> None:
+    from tests.wgcluster import wireguard_problems
+
+    frames = [frame(p) for p in (
+        IP(src=NODE, dst=PEER) / UDP(sport=51871, dport=51871),
+        IP(src=NODE, dst=PEER) / UDP(sport=51871, dport=4000),
+        mld_report(),
+        IP(src=NODE, dst=PEER) / UDP(sport=5001, dport=5001) / b"in clear",
+    )]
+    summary = classify(frames)
+    problems = wireguard_problems(summary, {NODE, PEER})
+    assert [i for i, _ in problems] == [1, 3]
+    assert problems[0][1] == f"wireguard with unexpected ends {NODE}:51871 -> {PEER}:4000"
+    assert summary.raw[problems[1][0]][UDP].dport == 5001
+
+
 def test_xfrm_stat_parsing_and_delta() -> None:
     before = parse_xfrm_stat("XfrmInNoStates            \t0\nXfrmInStateProtoError   \t2\n")
     after = parse_xfrm_stat("XfrmInNoStates            \t3\nXfrmInStateProtoError   \t2\n")
